@@ -1,0 +1,366 @@
+"""The ``pneumoloc`` command. Heavy libraries are imported inside each subcommand, so
+``pneumoloc --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pneumoloc import DISCLAIMER, __version__
+from pneumoloc.errors import PneumolocError
+
+logger = logging.getLogger("pneumoloc")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            "expected three comma-separated fractions, e.g. 0.7,0.15,0.15"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pneumoloc.data.synthetic import SynthConfig, generate_rsna
+
+    config = SynthConfig(
+        n=args.n,
+        seed=args.seed,
+        image_size=args.image_size,
+        prevalence=args.prevalence,
+        opacity_contrast=args.contrast,
+        noise=args.noise,
+    )
+    summary = generate_rsna(args.out, config)
+    print(
+        f"wrote {summary.n_images} synthetic images ({summary.n_positive} positive, "
+        f"{summary.n_boxes} boxes) in the RSNA layout to {summary.out_dir}"
+    )
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from pneumoloc.data.cache import prepare_cache
+
+    cache = prepare_cache(
+        args.data,
+        args.out,
+        size=args.size,
+        workers=args.workers,
+        split_seed=args.split_seed,
+        fractions=args.fractions,
+        progress=not args.quiet,
+        max_rows=args.limit,
+    )
+    m = cache.manifest
+    print(f"cache: {cache.root}")
+    print(
+        f"  {m['n_ok']} images cached at {m['size']} px ({m['n_positive']} pneumonia), "
+        f"{m['n_failed']} unreadable (skipped, see index.csv)"
+    )
+    if m.get("n_missing_labelled"):
+        print(f"  {m['n_missing_labelled']} labelled image ids have no image on disk (not cached)")
+    if m.get("n_unlabelled"):
+        print(f"  {m['n_unlabelled']} images on disk have no label (not cached)")
+    sizes = m["split"]["sizes"]
+    print(f"  patient-level split (seed {m['split']['seed']}): {sizes}")
+    run = m.get("last_run", {})
+    if run.get("decoded"):
+        print(
+            f"  decoded {run['decoded']} images in {run['seconds']:.1f} s "
+            f"({run['images_per_s']:.0f} img/s)"
+        )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pneumoloc.config import load_train_config
+    from pneumoloc.train import train
+
+    overrides = {
+        "data": str(args.data) if args.data else None,
+        "out": str(args.out) if args.out else None,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "loss": args.loss,
+        "pos_weight": args.pos_weight,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "compile": args.compile or None,
+        "seed": args.seed,
+        "patience": args.patience,
+        "device": args.device,
+        "output_stride": args.output_stride,
+        "pool": args.pool,
+        "split_seed": args.split_seed,
+        "tensorboard": args.tensorboard or None,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "augment": False if args.no_augment else None,
+    }
+    config = load_train_config(args.config, overrides)
+    resume = None
+    if args.resume is not None:
+        resume = Path(config.out) / "last.pt" if args.resume == "last" else Path(args.resume)
+    try:
+        result = train(config, resume=resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: pneumoloc train ... --out {config.out} --resume")
+        return 130
+    if result.best_metrics:
+        m = result.best_metrics
+        auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.4f}"
+        print(f"best epoch {result.best_epoch}: val AUROC {auroc}, threshold {m['threshold']:.3f}")
+    print(f"checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pneumoloc.demo import run_demo
+
+    return run_demo(
+        Path(args.out), n=args.n, image_size=args.image_size, seed=args.seed, quick=args.quick
+    )
+
+
+def _image_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number of pixels") from None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pneumoloc.evaluate import evaluate
+
+    if args.box_rule and args.tune_boxes_on_val:
+        from pneumoloc.errors import ConfigError
+
+        raise ConfigError("--box-rule and --tune-boxes-on-val exclude each other")
+    metrics = evaluate(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        out=args.out,
+        cam_method=args.cam,
+        box_config={"rule": args.box_rule} if args.box_rule else None,
+        tune_boxes_on_val=args.tune_boxes_on_val,
+        tta=args.tta,
+        gallery=args.gallery,
+        device=args.device,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    c, prov = metrics["classification"], metrics["provenance"]
+    auroc = "n/a" if c["auroc"] is None else f"{c['auroc']:.4f}"
+    if c["auroc_ci_low"] is not None:
+        auroc += f" (95% CI {c['auroc_ci_low']:.4f}-{c['auroc_ci_high']:.4f})"
+    print(f"{prov['split']['name']} split: {c['n']} images, AUROC {auroc}")
+    loc = metrics.get("localisation")
+    if loc is not None:
+        rsna = "n/a" if loc["rsna_map"] is None else f"{loc['rsna_map']:.4f}"
+        tuned = " (box settings tuned on val)" if prov["boxes_tuned_on_val"] else ""
+        print(f"  RSNA score {rsna}{tuned}")
+    else:
+        print("  no ground-truth boxes in this data: localisation not scored")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    print(f"report:  {Path(args.out) / 'report' / 'index.html'}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pneumoloc.submit import submit
+
+    result = submit(
+        args.checkpoint,
+        args.images,
+        args.out,
+        cam_method=args.cam,
+        box_config={"rule": args.box_rule} if args.box_rule else None,
+        tta=args.tta,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {result.path}: {result.n_images} rows, {result.n_with_boxes} with boxes "
+        f"({result.n_boxes} boxes) in {result.seconds:.1f} s"
+    )
+    if result.failed:
+        print(f"{len(result.failed)} unreadable file(s); their rows are empty:", file=sys.stderr)
+        for name, reason in result.failed[:20]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="pneumoloc",
+        description="Weakly supervised pneumonia detection and localisation on chest X-rays. "
+        + DISCLAIMER,
+    )
+    parser.add_argument("--version", action="version", version=f"pneumoloc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic data set in the RSNA Kaggle layout")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=200, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=1024, help="side in pixels (RSNA: 1024)")
+    p.add_argument("--prevalence", type=float, default=0.3, help="fraction of positive images")
+    p.add_argument("--contrast", type=float, default=0.25, help="opacity contrast (difficulty)")
+    p.add_argument("--noise", type=float, default=0.04, help="noise level (difficulty)")
+    p.set_defaults(handler=_cmd_synth)
+
+    p = sub.add_parser("prepare", help="decode a data folder once into a memory-mapped cache")
+    p.add_argument("data", type=Path, help="RSNA-layout folder or NORMAL/PNEUMONIA folder")
+    p.add_argument("--size", type=int, default=256, help="side of the cached square images")
+    p.add_argument(
+        "--out", type=Path, default=None, help="cache folder (default: under ~/.cache/pneumoloc)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: all cores)"
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--fractions", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test")
+    p.add_argument("--limit", type=int, default=None, help="cache only the first N labelled images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a classifier from image-level labels (torchrun-ready)")
+    p.add_argument(
+        "--data", type=Path, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache folder"
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config; flags override it")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/train)")
+    p.add_argument("--model", help="smallcamnet or any timm backbone name (default resnet18)")
+    p.add_argument("--pretrained", help="local state dict PATH, or 'imagenet' to download via timm")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--loss", choices=["bce", "focal"])
+    p.add_argument("--pos-weight", help="'auto' (negatives/positives) or a number")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
+    p.add_argument("--pool", help="global pooling: avg or lse")
+    p.add_argument("--split-seed", type=int)
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="continue an interrupted run (its last.pt, or a given checkpoint)",
+    )
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="the main job on an embedded default: synthetic data end to end"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    p.add_argument("--n", type=int, default=400, help="synthetic images")
+    p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("evaluate", help="metrics and an HTML report of a checkpoint on a split")
+    p.add_argument("checkpoint", help="checkpoint file, or 'default' for the shipped model")
+    p.add_argument(
+        "--data", type=Path, required=True, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache"
+    )
+    p.add_argument("--split", choices=["test", "val", "all"], default="test")
+    p.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
+    p.add_argument("--cam", default=None, help="heatmap method (default: the checkpoint's)")
+    p.add_argument(
+        "--box-rule",
+        choices=["peak", "otsu", "notebook"],
+        default=None,
+        help="heatmap -> boxes rule (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--tune-boxes-on-val",
+        action="store_true",
+        help="choose box settings by the RSNA score on the validation split (test split only)",
+    )
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the heatmaps")
+    p.add_argument(
+        "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"
+    )
+    p.add_argument("--gallery", type=int, default=4, help="example overlays per category")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding processes if the data must be cached"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("submit", help="write a Kaggle RSNA submission CSV for a folder of images")
+    p.add_argument("checkpoint", help="checkpoint file, or 'default' for the shipped model")
+    p.add_argument("--images", type=Path, required=True, help="folder of DICOM (or image) files")
+    p.add_argument("--out", type=Path, default=Path("submission.csv"), help="CSV to write")
+    p.add_argument("--cam", default=None, help="heatmap method (default: the checkpoint's)")
+    p.add_argument("--box-rule", choices=["peak", "otsu", "notebook"], default=None)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the heatmaps")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: up to 8)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_submit)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pneumoloc`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except PneumolocError as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

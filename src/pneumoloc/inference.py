@@ -1,0 +1,226 @@
+"""The one inference path: checkpoint -> probability, heatmap and scored boxes.
+
+Used by ``evaluate`` (images from a cache), ``predict`` (files), ``submit`` and ``serve``
+(uploaded bytes), so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pneumoloc.augment import normalise
+from pneumoloc.boxes import BoxConfig, ScoredBoxes, cam_to_boxes
+from pneumoloc.checkpoint import load_checkpoint, model_from_checkpoint
+from pneumoloc.data.cache import resize_square
+from pneumoloc.errors import CheckpointError
+from pneumoloc.io import XrayImage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.pt"
+
+
+def resolve_checkpoint(name: str | Path | None) -> Path:
+    """A checkpoint path; None or "default" is the model shipped inside the package."""
+    if name is None or str(name) == DEFAULT_MODEL:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CheckpointError(f"{DEFAULT_WEIGHTS}: the default model is not installed")
+        return DEFAULT_WEIGHTS
+    return Path(name)
+
+
+@dataclass
+class Prediction:
+    """Everything pneumoloc says about one image.
+
+    Attributes:
+        probability: Of pneumonia, from the classifier.
+        positive: ``probability >= threshold`` (the model's stored decision threshold).
+        threshold: The decision threshold used.
+        heatmap: float32 (S, S) at the model's input size, normalised to [0, 1] per image.
+        boxes: Scored boxes in ORIGINAL image pixels (x, y, width, height); empty when negative.
+        original_shape: (height, width) of the source image.
+    """
+
+    probability: float
+    positive: bool
+    threshold: float
+    heatmap: np.ndarray
+    boxes: ScoredBoxes
+    original_shape: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (no heatmap)."""
+        return {
+            "probability": round(self.probability, 6),
+            "decision": "pneumonia" if self.positive else "no pneumonia",
+            "threshold": round(self.threshold, 6),
+            "boxes": [
+                {
+                    "x": round(float(b[0]), 1),
+                    "y": round(float(b[1]), 1),
+                    "width": round(float(b[2]), 1),
+                    "height": round(float(b[3]), 1),
+                    "confidence": round(float(s), 4),
+                }
+                for b, s in zip(self.boxes.boxes, self.boxes.scores, strict=True)
+            ],
+            "image_height": self.original_shape[0],
+            "image_width": self.original_shape[1],
+        }
+
+
+@dataclass
+class Predictor:
+    """A loaded model plus how to turn its evidence into boxes.
+
+    Attributes:
+        model: The classifier (eval mode).
+        meta: The checkpoint's metadata (image size, threshold, model spec, metrics...).
+        cam_method: Key of ``pneumoloc.cam.CAM_METHODS``.
+        box_config: The heatmap -> boxes rule.
+        tta: Test-time augmentation of the heatmaps.
+        batch_size: Images per forward pass.
+    """
+
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    cam_method: str = "cam"
+    box_config: BoxConfig = field(default_factory=BoxConfig)
+    tta: bool = False
+    batch_size: int = 16
+    threshold_override: float | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | None = None, *, device: str = "auto", **kwargs: Any
+    ) -> Predictor:
+        """Load a checkpoint (None or "default": the shipped model).
+
+        Box settings stored in the checkpoint (``meta["box_config"]``) are the defaults;
+        ``box_config`` in ``kwargs`` replaces them.
+        """
+        path = resolve_checkpoint(checkpoint)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        payload = load_checkpoint(path, map_location=device)
+        model, meta = model_from_checkpoint(payload, device=device)
+        meta["checkpoint_path"] = str(path)
+        if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
+            kwargs["box_config"] = BoxConfig(**meta["box_config"])
+        if "cam_method" not in kwargs and meta.get("cam_method"):
+            kwargs["cam_method"] = meta["cam_method"]
+        return cls(model=model, meta=meta, **kwargs)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input the model expects."""
+        return int(self.meta["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold (stored in the checkpoint unless overridden)."""
+        return float(
+            self.threshold_override
+            if self.threshold_override is not None
+            else self.meta["threshold"]
+        )
+
+    @property
+    def model_id(self) -> str:
+        """A short identifier of the model for outputs."""
+        spec = self.meta.get("model", {})
+        fp = self.meta.get("data", {}).get("fingerprint", "")
+        return f"{spec.get('name', '?')}@{self.image_size}px" + (f"-{fp[:8]}" if fp else "")
+
+    def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+        from pneumoloc.cam import compute_cam
+
+        tensor = (
+            torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        )
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(1)
+        probs, maps = [], []
+        for start in range(0, len(tensor), self.batch_size):
+            x = normalise(tensor[start : start + self.batch_size])
+            p, h = compute_cam(
+                self.model,  # type: ignore[arg-type]
+                x,
+                method=self.cam_method,
+                tta=self.tta,
+                normalize=True,
+            )
+            probs.append(p.detach().cpu())
+            maps.append(h.detach().cpu())
+        if not probs:
+            s = self.image_size
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
+        return torch.cat(probs).numpy(), torch.cat(maps).numpy()
+
+    def predict_arrays(
+        self,
+        images: np.ndarray,
+        original_shapes: Sequence[tuple[int, int]],
+        lung_masks: Sequence[np.ndarray | None] | None = None,
+    ) -> list[Prediction]:
+        """Predict uint8 images already at the model's size (e.g. rows of a cache)."""
+        if len(images) != len(original_shapes):
+            raise ValueError("images and original_shapes differ in length")
+        probs, maps = self.heatmaps(images)
+        out = []
+        for i, (p, h) in enumerate(zip(probs, maps, strict=True)):
+            shape = (int(original_shapes[i][0]), int(original_shapes[i][1]))
+            boxes = cam_to_boxes(
+                h,
+                float(p),
+                threshold=self.threshold,
+                config=self.box_config,
+                lung_mask=None if lung_masks is None else lung_masks[i],
+                out_shape=shape,
+            )
+            out.append(
+                Prediction(
+                    probability=float(p),
+                    positive=bool(p >= self.threshold),
+                    threshold=self.threshold,
+                    heatmap=h,
+                    boxes=boxes,
+                    original_shape=shape,
+                )
+            )
+        return out
+
+    def predict_xrays(self, xrays: Sequence[XrayImage]) -> list[Prediction]:
+        """Predict decoded X-rays of any size (resized exactly as the cache does)."""
+        s = self.image_size
+        arrays = (
+            np.stack([resize_square(x.pixels, s) for x in xrays])
+            if xrays
+            else np.zeros((0, s, s), np.uint8)
+        )
+        return self.predict_arrays(arrays, [x.original_shape for x in xrays])
+
+    def describe(self) -> dict[str, Any]:
+        """What produced a prediction: model, version, CAM method, box rule, threshold."""
+        return {
+            "model_id": self.model_id,
+            "model": self.meta.get("model"),
+            "pneumoloc_version": self.meta.get("pneumoloc_version"),
+            "image_size": self.image_size,
+            "threshold": self.threshold,
+            "cam_method": self.cam_method,
+            "tta": self.tta,
+            "box_config": dataclasses.asdict(self.box_config),
+            "checkpoint": self.meta.get("checkpoint_path"),
+        }

@@ -1,0 +1,11 @@
+"""Reading X-ray files: one reader, one intensity convention, for every path."""
+
+from pneumoloc.io.reader import (
+    SUPPORTED_SUFFIXES,
+    XrayImage,
+    is_supported_file,
+    read_xray,
+    read_xray_bytes,
+)
+
+__all__ = ["SUPPORTED_SUFFIXES", "XrayImage", "is_supported_file", "read_xray", "read_xray_bytes"]
