@@ -1,0 +1,39 @@
+"""Evaluation metrics: image-level classification and box/heatmap localisation."""
+
+from pneumoloc.metrics.classification import (
+    bootstrap_auroc_ci,
+    calibration_curve_bins,
+    classification_metrics,
+    expected_calibration_error,
+    roc_pr_curves,
+    youden_threshold,
+)
+from pneumoloc.metrics.localisation import (
+    RSNA_IOU_THRESHOLDS,
+    as_boxes,
+    iou_matrix,
+    localisation_metrics,
+    max_box_acc,
+    notebook_mean_iou,
+    pointing_game,
+    rsna_image_score,
+    rsna_map,
+)
+
+__all__ = [
+    "RSNA_IOU_THRESHOLDS",
+    "as_boxes",
+    "bootstrap_auroc_ci",
+    "calibration_curve_bins",
+    "classification_metrics",
+    "expected_calibration_error",
+    "iou_matrix",
+    "localisation_metrics",
+    "max_box_acc",
+    "notebook_mean_iou",
+    "pointing_game",
+    "roc_pr_curves",
+    "rsna_image_score",
+    "rsna_map",
+    "youden_threshold",
+]

@@ -1,0 +1,216 @@
+"""One picture per X-ray: the image, its heatmap, ground-truth and predicted boxes, the probability.
+
+Used by ``evaluate`` (report gallery), ``predict`` and the web page, so that they all draw the
+same thing. Drawing is done with Pillow (no figure machinery, thread-safe, fast); only the
+colour map comes from matplotlib.
+
+Colours: ground truth is drawn in cyan, predictions in lime green with their confidence; the
+heatmap uses the "inferno" map (black - purple - orange - yellow), which contains neither.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["GT_COLOUR", "PRED_COLOUR", "render_overlay", "save_png"]
+
+GT_COLOUR = (0, 229, 255)
+"""Ground-truth boxes (cyan)."""
+PRED_COLOUR = (57, 255, 20)
+"""Predicted boxes (lime green)."""
+_HEATMAP_CMAP = "inferno"
+_BANNER_BG = (20, 20, 20)
+_TEXT = (240, 240, 240)
+
+
+def _as_boxes(boxes: Any) -> np.ndarray:
+    if boxes is None:
+        return np.zeros((0, 4))
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4))
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4) (x, y, width, height), got {arr.shape}")
+    return arr
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no scalable default font
+        return ImageFont.load_default()
+
+
+def _colour_heatmap(heatmap01: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB float in [0, 1], heat in [0, 1]) of the heatmap resized to ``shape`` (H, W)."""
+    from matplotlib import colormaps
+
+    hm = np.nan_to_num(np.asarray(heatmap01, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    if hm.ndim != 2 or hm.size == 0:
+        raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {hm.shape}")
+    hm = np.clip(hm, 0.0, 1.0)
+    if hm.shape != shape:
+        resized = Image.fromarray(hm, mode="F").resize(
+            (shape[1], shape[0]), Image.Resampling.BILINEAR
+        )
+        hm = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    rgb = colormaps[_HEATMAP_CMAP](hm)[..., :3].astype(np.float32)
+    return rgb, hm
+
+
+def render_overlay(
+    pixels_uint8: np.ndarray,
+    heatmap01: np.ndarray | None,
+    pred_boxes: Any,
+    pred_scores: Sequence[float] | np.ndarray | None,
+    gt_boxes: Any = None,
+    probability: float | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+    alpha: float = 0.4,
+    *,
+    box_shape: tuple[int, int] | None = None,
+    min_display: int = 384,
+) -> np.ndarray:
+    """Draw an X-ray with its heatmap, boxes and probability.
+
+    Args:
+        pixels_uint8: Grey (H, W) uint8 image (0 = black).
+        heatmap01: Heatmap in [0, 1], any resolution (resized to the image), or None for none.
+            It is blended with a per-pixel opacity ``alpha * heat``, so cold regions leave the
+            radiograph untouched.
+        pred_boxes: (N, 4) predicted boxes (x, y, width, height) in ``box_shape`` pixels.
+        pred_scores: (N,) confidences printed next to the predicted boxes (or None).
+        gt_boxes: (M, 4) ground-truth boxes in ``box_shape`` pixels, or None.
+        probability: Pneumonia probability shown in the banner.
+        threshold: Decision threshold shown in the banner with the decision it implies.
+        title: First banner line (e.g. an image id); it is only drawn, never used as a path.
+        alpha: Largest opacity of the heatmap.
+        box_shape: (H, W) of the boxes' coordinate system (e.g. the original image when the
+            pixels are a downsized copy); default the pixels' shape.
+        min_display: Images whose long side is smaller are enlarged so text stays legible.
+
+    Returns:
+        RGB uint8 (H', W' + banner, 3) image: a text banner above the (possibly enlarged)
+        picture.
+    """
+    grey = np.asarray(pixels_uint8)
+    if grey.ndim != 2 or grey.size == 0:
+        raise ValueError(f"pixels must be a non-empty 2-D grey image, got shape {grey.shape}")
+    if grey.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8, got {grey.dtype}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    h, w = grey.shape
+    scale = max(1.0, min_display / max(h, w))
+    out_h, out_w = round(h * scale), round(w * scale)
+    base = Image.fromarray(grey)
+    if (out_h, out_w) != (h, w):
+        base = base.resize((out_w, out_h), Image.Resampling.BILINEAR)
+    rgb = np.repeat(np.asarray(base, dtype=np.float32)[..., None] / 255.0, 3, axis=2)
+    if heatmap01 is not None and alpha > 0:
+        colours, heat = _colour_heatmap(heatmap01, (out_h, out_w))
+        weight = (alpha * heat)[..., None]
+        rgb = (1.0 - weight) * rgb + weight * colours
+    picture = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+
+    bh, bw = box_shape if box_shape is not None else (h, w)
+    if bh <= 0 or bw <= 0:
+        raise ValueError(f"box_shape must be positive, got {box_shape}")
+    sx, sy = out_w / bw, out_h / bh
+    draw = ImageDraw.Draw(picture)
+    line = max(2, round(out_w / 160))
+    font = _font(max(11, out_w // 30))
+    for box in _as_boxes(gt_boxes):
+        _rectangle(draw, box, sx, sy, GT_COLOUR, line + 1)
+    preds = _as_boxes(pred_boxes)
+    scores = (
+        np.zeros(0) if pred_scores is None else np.asarray(pred_scores, dtype=np.float64).ravel()
+    )
+    for i, box in enumerate(preds):
+        x0, y0 = _rectangle(draw, box, sx, sy, PRED_COLOUR, line)
+        if i < scores.size:
+            label = f"{scores[i]:.2f}"
+            tb = draw.textbbox((x0 + line, y0 + line), label, font=font)
+            draw.rectangle(tb, fill=(0, 0, 0))
+            draw.text((x0 + line, y0 + line), label, fill=PRED_COLOUR, font=font)
+    return np.asarray(_with_banner(picture, _banner_lines(title, probability, threshold), font))
+
+
+def _rectangle(
+    draw: ImageDraw.ImageDraw,
+    box: np.ndarray,
+    sx: float,
+    sy: float,
+    colour: tuple[int, int, int],
+    width: int,
+) -> tuple[float, float]:
+    x, y, bw, bh = (float(v) for v in box)
+    x0, y0 = x * sx, y * sy
+    x1, y1 = max(x0 + 1, (x + bw) * sx - 1), max(y0 + 1, (y + bh) * sy - 1)
+    draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+    return x0, y0
+
+
+Segment = tuple[str, tuple[int, int, int]]
+
+
+def _banner_lines(
+    title: str | None, probability: float | None, threshold: float | None
+) -> list[list[Segment]]:
+    lines: list[list[Segment]] = []
+    if title:
+        lines.append([(title if len(title) <= 60 else title[:57] + "...", _TEXT)])
+    if probability is not None:
+        text = f"P(pneumonia) = {probability:.3f}"
+        if threshold is not None:
+            decision = "pneumonia" if probability >= threshold else "no pneumonia"
+            text += f"  (threshold {threshold:.3f}: {decision})"
+        lines.append([(text, _TEXT)])
+    lines.append([("truth box", GT_COLOUR), ("   ", _TEXT), ("predicted box", PRED_COLOUR)])
+    return lines
+
+
+def _with_banner(
+    picture: Image.Image,
+    lines: list[list[Segment]],
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+) -> Image.Image:
+    probe = ImageDraw.Draw(picture)
+    heights = [
+        math.ceil(probe.textbbox((0, 0), "".join(t for t, _ in segs) or " ", font=font)[3])
+        for segs in lines
+    ]
+    pad = 4
+    banner_h = sum(heights) + pad * (len(lines) + 1)
+    canvas = Image.new("RGB", (picture.width, picture.height + banner_h), _BANNER_BG)
+    canvas.paste(picture, (0, banner_h))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for segs, th in zip(lines, heights, strict=True):
+        x = float(pad)
+        for text, colour in segs:
+            draw.text((x, y), text, fill=colour, font=font)
+            x += draw.textlength(text, font=font)
+        y += th + pad
+    return canvas
+
+
+def save_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB (or grey) uint8 image as PNG; the parent folder must exist.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) image, got {arr.dtype} {arr.shape}")
+    Image.fromarray(arr).save(path, format="PNG", optimize=False)
+    return path
