@@ -224,3 +224,50 @@ class Predictor:
             "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
         }
+
+
+def prediction_record(
+    prediction: Prediction, predictor: Predictor, *, image_id: str
+) -> dict[str, Any]:
+    """The JSON record of one prediction, shared by ``predict`` and the web API.
+
+    ``image_id`` must already be safe to show (the caller decides whether identifiers are kept).
+    """
+    from pneumoloc import DISCLAIMER, __version__
+
+    return {
+        "id": image_id,
+        **prediction.to_dict(),
+        "cam_method": predictor.cam_method,
+        "model_id": predictor.model_id,
+        "model_version": predictor.meta.get("pneumoloc_version"),
+        "pneumoloc_version": __version__,
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def prediction_overlay(
+    prediction: Prediction,
+    pixels: np.ndarray,
+    *,
+    title: str | None = None,
+    show_heatmap: bool = True,
+    show_boxes: bool = True,
+    alpha: float = 0.4,
+) -> np.ndarray:
+    """RGB overlay of one prediction on its X-ray (heatmap, boxes, probability and decision)."""
+    from pneumoloc.report.overlay import render_overlay
+
+    boxes = prediction.boxes.boxes if show_boxes else np.zeros((0, 4), np.float32)
+    scores = prediction.boxes.scores if show_boxes else np.zeros(0, np.float32)
+    return render_overlay(
+        pixels,
+        prediction.heatmap if show_heatmap else None,
+        boxes,
+        scores,
+        probability=prediction.probability,
+        threshold=prediction.threshold,
+        title=title,
+        alpha=alpha,
+        box_shape=prediction.original_shape,
+    )
