@@ -18,6 +18,7 @@ import numpy as np
 
 from pneumoloc.data.records import DatasetIndex, XrayRecord, empty_boxes
 from pneumoloc.errors import CsvValidationError, DataError
+from pneumoloc.io import is_supported_file
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,9 @@ def index_rsna(root: str | Path, *, images_dir: str = IMAGES_DIR) -> DatasetInde
     image_root = root / images_dir
     if not image_root.is_dir():
         raise DataError(f"{image_root}: images folder not found (expected the Kaggle layout)")
-    on_disk = {p.stem: p for p in sorted(image_root.iterdir()) if p.suffix.lower() == ".dcm"}
+    # DICOMs as Kaggle ships them; PNG/JPEG copies (a common conversion) are accepted too, with
+    # boxes then in the pixel coordinates of those files.
+    on_disk = {p.stem: p for p in sorted(image_root.iterdir()) if is_supported_file(p)}
     records = [
         XrayRecord(
             image_id=pid,

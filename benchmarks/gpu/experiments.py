@@ -1,0 +1,391 @@
+"""One prepared run of every experiment that needs a GPU (or runs --smoke on a CPU).
+
+1. Training throughput of resnet18 at 256 px, AMP + channels-last, data pipeline included
+   (uint8 batches gathered and augmented on the GPU), on the RSNA sample tiled to 8,900 images.
+2. Classification baselines (issue 3): resnet18 @256 from scratch vs the notebook's smallcamnet
+   @128, same split and epoch budget, on the RSNA sample and on the Kermany pediatric set.
+3. Localisation ablation (issue 7) on the RSNA sample's patient-level split, 3 seeds: training
+   variants x inference variants; every number on the held-out TEST split, plus the validation
+   split's numbers used to pick the default recipe (the test split picks nothing).
+4. The default model: the best small recipe by VALIDATION RSNA metric, its seed-0 checkpoint.
+
+Writes results.json (and default.pt) to --out. Usage on the lent GPU machine:
+    python benchmarks/gpu/experiments.py --rsna .devdata/rsna --kermany .devdata/kermany/train \
+        --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
+    # name: train settings (image_size, model, output_stride, pool, lr, epochs)
+    "notebook_smallcamnet128": {"model": "smallcamnet", "image_size": 128, "lr": 1e-3},
+    "resnet18_256_os32": {"model": "resnet18", "image_size": 256},
+    "resnet18_256_os8": {"model": "resnet18", "image_size": 256, "output_stride": 8},
+    "resnet18_256_os8_lse": {
+        "model": "resnet18",
+        "image_size": 256,
+        "output_stride": 8,
+        "pool": "lse",
+    },
+    "resnet18_384_os16": {"model": "resnet18", "image_size": 384, "output_stride": 16},
+    "effb0_256_os8": {"model": "efficientnet_b0", "image_size": 256, "output_stride": 8},
+}
+SMALL_MODELS = {"effb0_256_os8"}  # candidates for the shipped default (a few MB)
+
+# Inference variants: (cam method, tta, lung mask, box config overrides)
+INFER_VARIANTS: dict[str, dict[str, Any]] = {
+    "cam_peak0.5": {"box": {"rule": "peak", "peak_fraction": 0.5}},
+    "notebook_rule": {"box": {"rule": "notebook", "notebook_std": 0.5}},
+    "cam_peak0.3": {"box": {"rule": "peak", "peak_fraction": 0.3}},
+    "cam_otsu": {"box": {"rule": "otsu"}},
+    "cam_peak0.5_split2": {
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2}
+    },
+    "cam_peak0.3_split2": {
+        "box": {"rule": "peak", "peak_fraction": 0.3, "split_midline": True, "max_boxes": 2}
+    },
+    "lung_peak0.5_split2": {
+        "lung": True,
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+    "tta_peak0.5_split2": {
+        "tta": True,
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+    "gradcampp_peak0.5_split2": {
+        "cam": "gradcam++",
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+}
+
+
+def _train_job(args: tuple[str, int, str, int, str, dict[str, Any]]) -> dict[str, Any]:
+    variant, seed, cache_dir, epochs, out_dir, settings = args
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    import torch
+
+    from pneumoloc.config import load_train_config
+    from pneumoloc.train import train
+
+    run = Path(out_dir) / f"{variant}-s{seed}"
+    config = load_train_config(
+        None,
+        {
+            "data": cache_dir,
+            "out": str(run),
+            "epochs": epochs,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "seed": seed,
+            "progress": False,
+            "patience": max(5, epochs // 3),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            **settings,
+        },
+    )
+    started = time.perf_counter()
+    try:
+        result = train(config)
+    except Exception:
+        return {"variant": variant, "seed": seed, "error": traceback.format_exc()[-2000:]}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "checkpoint": str(result.best_checkpoint),
+        "best_epoch": result.best_epoch,
+        "val": result.best_metrics,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _evaluate_model(checkpoint: str, cache_dir: str, part: str) -> dict[str, Any]:
+    """Every inference variant of one checkpoint on one split part: heatmaps once per CAM mode."""
+    from pneumoloc.boxes import BoxConfig, cam_to_boxes_batch
+    from pneumoloc.data.cache import open_cache
+    from pneumoloc.inference import Predictor
+    from pneumoloc.metrics.classification import classification_metrics
+    from pneumoloc.metrics.localisation import localisation_metrics
+
+    cache = open_cache(cache_dir)
+    rows = cache.split.part(part)
+    images = np.asarray(cache.images[rows])
+    labels = cache.labels[rows]
+    shapes = [tuple(int(v) for v in s) for s in cache.original_shapes[rows]]
+    gts = cache.load_eval_boxes(rows, scale="original")
+    out: dict[str, Any] = {}
+    maps_cache: dict[tuple[str, bool, bool], tuple[np.ndarray, np.ndarray, float]] = {}
+    for name, spec in INFER_VARIANTS.items():
+        key = (spec.get("cam", "cam"), bool(spec.get("tta")), bool(spec.get("lung")))
+        if key not in maps_cache:
+            predictor = Predictor.from_checkpoint(
+                checkpoint, cam_method=key[0], tta=key[1], lung_mask=key[2], batch_size=32
+            )
+            probs, maps = predictor.heatmaps(images)
+            maps_cache[key] = (probs, maps, predictor.threshold)
+        probs, maps, threshold = maps_cache[key]
+        config = BoxConfig(**spec["box"])
+        boxes = cam_to_boxes_batch(
+            maps, probs, threshold=threshold, config=config, out_shapes=shapes
+        )
+        # Heatmap metrics (pointing game, MaxBoxAcc) on images with truth.
+        loc = localisation_metrics(
+            [b.boxes for b in boxes],
+            [b.scores for b in boxes],
+            list(maps),
+            gts,
+            image_shapes=shapes,
+        )
+        # The same boxes gated by the TRUE label: how far a perfect classifier would get.
+        oracle = cam_to_boxes_batch(
+            maps, labels.astype(np.float64), threshold=0.5, config=config, out_shapes=shapes
+        )
+        loc_oracle = localisation_metrics(
+            [b.boxes for b in oracle], [b.scores for b in oracle], None, gts
+        )
+        cls = classification_metrics(labels, probs, threshold, n_boot=200)
+        out[name] = {
+            "auroc": cls["auroc"],
+            "rsna_map": loc["rsna_map"],
+            "rsna_map_label_gated": loc_oracle["rsna_map"],
+            "notebook_mean_iou": loc["notebook_mean_iou"],
+            "pointing_game": loc["pointing_game"],
+            "box_acc_0.3": (loc["max_box_acc"] or {}).get("iou_0.3"),
+            "box_acc_0.5": (loc["max_box_acc"] or {}).get("iou_0.5"),
+            "n_images": loc["n_images"],
+            "n_with_truth": loc["n_with_truth"],
+        }
+    return out
+
+
+def _eval_job(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    job, cache_dir = args
+    if "error" in job:
+        return job
+    try:
+        return {
+            **job,
+            "test": _evaluate_model(job["checkpoint"], cache_dir, "test"),
+            "val_loc": _evaluate_model(job["checkpoint"], cache_dir, "val"),
+        }
+    except Exception:
+        return {**job, "error": traceback.format_exc()[-2000:]}
+
+
+def throughput(
+    cache_dir: str, out_dir: str, *, steps: int, batch: int, compile_model: bool, size: int = 256
+) -> dict[str, Any]:
+    """Training images/s of resnet18 @256 with AMP + channels-last on a tiled copy of the cache."""
+    import pandas as pd
+    import torch
+
+    from pneumoloc.config import load_train_config
+    from pneumoloc.data.cache import Cache, open_cache
+    from pneumoloc.data.splits import Split
+    from pneumoloc.train import train
+
+    base = open_cache(cache_dir)
+    reps = 20
+    images = np.concatenate([np.asarray(base.images)] * reps)
+    table = pd.concat([base.table] * reps, ignore_index=True)
+    table["image_id"] = [f"{i}-{k}" for k in range(reps) for i in base.table["image_id"]]
+    table["patient_id"] = table["image_id"]
+    n = len(table)
+    split = Split(
+        train=np.arange(n - 256),
+        val=np.arange(n - 256, n),
+        test=np.arange(0),
+        seed=0,
+        fractions=(1.0, 0.0, 0.0),
+    )
+    cache = Cache(
+        root=Path(cache_dir),
+        manifest={**base.manifest, "fingerprint": "tiled"},
+        images=images,
+        table=table,
+        split=split,
+    )
+    config = load_train_config(
+        None,
+        {
+            "data": cache_dir,
+            "out": str(Path(out_dir) / f"throughput-compile{int(compile_model)}"),
+            "model": "resnet18",
+            "image_size": size,
+            "epochs": 3,
+            "batch_size": batch,
+            "max_steps_per_epoch": steps,
+            "progress": False,
+            "compile": compile_model,
+            "amp": "bf16",
+            "channels_last": True,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        },
+    )
+    result = train(config, cache=cache)
+    rates = [h["train_images_per_s"] for h in result.history]
+    return {
+        "images_per_s_per_epoch": rates,
+        "batch": batch,
+        "steps": steps,
+        "compile": compile_model,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "data_on_device": True,
+    }
+
+
+def _export_small(evaluated: list[dict[str, Any]], out: Path) -> None:
+    """Seed-0 checkpoints of the small candidates, weights in float16 (files come back <= 16 MB)."""
+    import torch
+
+    for job in evaluated:
+        if (
+            job.get("seed") == 0
+            and "checkpoint" in job
+            and (job["variant"] in SMALL_MODELS or job["variant"].startswith("notebook"))
+        ):
+            payload = torch.load(job["checkpoint"], map_location="cpu", weights_only=True)
+            payload["state_dict"] = {
+                k: v.half() if v.is_floating_point() else v
+                for k, v in payload["state_dict"].items()
+            }
+            torch.save(payload, out / f"{job['variant']}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rsna", type=Path, required=True)
+    parser.add_argument("--kermany", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pneumoloc-exp"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--jobs", type=int, default=6)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny settings to check the script on a CPU"
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma list of parts to skip: throughput,baselines,ablation"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from pneumoloc.data.cache import prepare_cache
+
+    skip = set(filter(None, args.skip.split(",")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"started": time.time(), "smoke": args.smoke}
+
+    def save() -> None:
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+    variants = (
+        list(TRAIN_VARIANTS) if not args.smoke else ["notebook_smallcamnet128", "resnet18_256_os8"]
+    )
+    if args.smoke:
+        for v in TRAIN_VARIANTS.values():
+            v["image_size"] = min(v["image_size"], 64) if v["model"] != "smallcamnet" else 32
+    sizes = sorted({TRAIN_VARIANTS[v]["image_size"] for v in variants})
+    t0 = time.perf_counter()
+    caches = {
+        s: str(prepare_cache(args.rsna, args.work / f"rsna{s}", size=s, progress=False).root)
+        for s in sizes
+    }
+    results["prepare_seconds"] = time.perf_counter() - t0
+    save()
+
+    epochs = 2 if args.smoke else args.epochs
+    ctx = get_context("spawn")
+    if "ablation" not in skip:
+        jobs = [
+            (
+                v,
+                s,
+                caches[TRAIN_VARIANTS[v]["image_size"]],
+                epochs,
+                str(args.work / "runs"),
+                TRAIN_VARIANTS[v],
+            )
+            for s in range(args.seeds)
+            for v in variants
+        ]
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            trained = list(pool.map(_train_job, jobs))
+        results["train_seconds"] = time.perf_counter() - t0
+        save()
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            evaluated = list(
+                pool.map(
+                    _eval_job,
+                    [(j, caches[TRAIN_VARIANTS[j["variant"]]["image_size"]]) for j in trained],
+                )
+            )
+        results["eval_seconds"] = time.perf_counter() - t0
+        results["ablation"] = evaluated
+        save()
+        print("ablation done", results["train_seconds"], results["eval_seconds"], flush=True)
+        _export_small(evaluated, args.out)
+
+    if "baselines" not in skip and args.kermany is not None:
+        sizes_k = [32, 64] if args.smoke else [128, 256]
+        kcaches = {
+            s: str(
+                prepare_cache(args.kermany, args.work / f"kermany{s}", size=s, progress=False).root
+            )
+            for s in sizes_k
+        }
+        kjobs = [
+            (
+                v,
+                0,
+                kcaches[sizes_k[0] if v.startswith("notebook") else sizes_k[1]],
+                2 if args.smoke else 15,
+                str(args.work / "kermany-runs"),
+                {
+                    **TRAIN_VARIANTS[v],
+                    "image_size": sizes_k[0] if v.startswith("notebook") else sizes_k[1],
+                },
+            )
+            for v in ("notebook_smallcamnet128", "resnet18_256_os32")
+        ]
+        with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+            results["kermany"] = list(pool.map(_train_job, kjobs))
+        save()
+    if "throughput" not in skip:
+        for compile_model in (False, True):
+            try:
+                results[f"throughput_compile{int(compile_model)}"] = throughput(
+                    caches[sizes[-1] if args.smoke else 256],
+                    str(args.work),
+                    steps=3 if args.smoke else 40,
+                    batch=16 if args.smoke else 256,
+                    compile_model=compile_model,
+                    size=sizes[-1] if args.smoke else 256,
+                )
+            except Exception:
+                results[f"throughput_compile{int(compile_model)}"] = {
+                    "error": traceback.format_exc()[-2000:]
+                }
+            print("throughput", results[f"throughput_compile{int(compile_model)}"], flush=True)
+            save()
+
+    results["finished"] = time.time()
+    save()
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
