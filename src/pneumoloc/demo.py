@@ -75,7 +75,7 @@ def run_demo(
     best = result.best_metrics
     print(
         f"[3/4] trained {model} at {model_size} px from image labels only: best epoch "
-        f"{result.best_epoch}, validation AUROC {_fmt(best.get('auroc'))} -> {result.best_checkpoint}"
+        f"{result.best_epoch}, validation AUROC {_fmt(best.get('auroc'))}"
     )
     metrics = evaluate(
         result.best_checkpoint,
@@ -96,7 +96,8 @@ def run_demo(
         mba = loc.get("max_box_acc", {})
         print(
             f"      RSNA metric {_fmt(loc.get('rsna_map'))}, notebook mean IoU "
-            f"{_fmt(loc.get('notebook_mean_iou'))}, pointing game {_fmt(loc.get('pointing_game'))}, "
+            f"{_fmt(loc.get('notebook_mean_iou'))}, "
+            f"pointing game {_fmt(loc.get('pointing_game'))}, "
             f"box accuracy at IoU 0.3 {_fmt(mba.get('iou_0.3'))}"
         )
     print(f"      report: {out / 'evaluation' / 'report' / 'index.html'}")

@@ -376,6 +376,7 @@ def evaluate(
     box_config: BoxConfig | Mapping[str, Any] | None = None,
     tune_boxes_on_val: bool = False,
     tta: bool = False,
+    lung_mask: bool | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -417,6 +418,8 @@ def evaluate(
     """
     _checked_split(split, tune_boxes_on_val)
     kwargs: dict[str, Any] = {"tta": tta, "batch_size": batch_size}
+    if lung_mask is not None:
+        kwargs["lung_mask"] = lung_mask
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     if cam_method is not None:
@@ -551,6 +554,7 @@ def _provenance(
         "threshold_source": "checkpoint (chosen on its validation split)",
         "cam_method": predictor.cam_method,
         "tta": predictor.tta,
+        "lung_mask": predictor.lung_mask,
         "box_config": dataclasses.asdict(predictor.box_config),
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None

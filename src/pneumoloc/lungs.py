@@ -23,8 +23,9 @@ def _otsu(values: np.ndarray) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def estimate_lung_mask(pixels: np.ndarray, *, min_area_fraction: float = 0.02,
-                       dilate_fraction: float = 0.08) -> np.ndarray | None:
+def estimate_lung_mask(
+    pixels: np.ndarray, *, min_area_fraction: float = 0.02, dilate_fraction: float = 0.08
+) -> np.ndarray | None:
     """A boolean mask of the lung fields of a frontal chest X-ray, or None when none is found.
 
     Args:
@@ -49,7 +50,7 @@ def estimate_lung_mask(pixels: np.ndarray, *, min_area_fraction: float = 0.02,
     dark_full = detail < _otsu(detail)
     # Cut thin dark bridges (neck, armpits) that join the lungs to the outside air, find the
     # seeds not touching the border, then grow them back inside the dark region.
-    cut = max(1, int(round(0.025 * side)))
+    cut = max(1, round(0.025 * side))
     # border_value=1: regions touching the border keep touching it after the erosion.
     seeds = ndimage.binary_erosion(dark_full, iterations=cut, border_value=1)
     labels, n = ndimage.label(seeds)
@@ -59,10 +60,13 @@ def estimate_lung_mask(pixels: np.ndarray, *, min_area_fraction: float = 0.02,
     areas = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
     centres = ndimage.center_of_mass(seeds, labels, index=np.arange(1, n + 1))
     candidates = [
-        (area, i + 1) for i, area in enumerate(areas)
-        if (i + 1) not in border and area >= min_area_fraction * h * w / 4
+        (area, i + 1)
+        for i, area in enumerate(areas)
+        if (i + 1) not in border
+        and area >= min_area_fraction * h * w / 4
         # lungs sit in the middle of a frontal film, never at its edges
-        and 0.1 * h < centres[i][0] < 0.85 * h and 0.12 * w < centres[i][1] < 0.88 * w
+        and 0.1 * h < centres[i][0] < 0.85 * h
+        and 0.12 * w < centres[i][1] < 0.88 * w
     ]
     if not candidates:
         return None
@@ -73,9 +77,9 @@ def estimate_lung_mask(pixels: np.ndarray, *, min_area_fraction: float = 0.02,
     # dark mask exactly where the pneumonia is. Lungs are roughly mirror images: add the mirror
     # image of what was found, then close concavities, so an opaque lung is still covered.
     mask = mask | mask[:, ::-1]
-    close = max(1, int(round(0.06 * side)))
+    close = max(1, round(0.06 * side))
     mask = ndimage.binary_closing(mask, iterations=close, border_value=0)
-    grow = int(round(dilate_fraction * min(h, w)))
+    grow = round(dilate_fraction * min(h, w))
     if grow > 0:
         mask = ndimage.binary_dilation(mask, iterations=grow)
     return np.asarray(mask, dtype=bool)

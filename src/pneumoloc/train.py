@@ -31,6 +31,7 @@ from pneumoloc.data.datasets import ImageLabelDataset, training_dataset
 from pneumoloc.data.records import LABEL_NAMES
 from pneumoloc.distributed import DistContext, init_distributed, shutdown_distributed
 from pneumoloc.errors import CheckpointError, DataError
+from pneumoloc.recipe import DEFAULT_INFERENCE_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ def _train(
             },
             "metrics": {"val": metrics},
             "epoch": epoch,
+            **DEFAULT_INFERENCE_RECIPE,
         }
         if training_state is not None:
             out["training_state"] = training_state
