@@ -30,7 +30,7 @@ from pneumoloc.data.cache import Cache, resolve_cache
 from pneumoloc.data.datasets import ImageLabelDataset, training_dataset
 from pneumoloc.data.records import LABEL_NAMES
 from pneumoloc.distributed import DistContext, init_distributed, shutdown_distributed
-from pneumoloc.errors import CheckpointError, DataError
+from pneumoloc.errors import CheckpointError, ConfigError, DataError
 from pneumoloc.recipe import DEFAULT_INFERENCE_RECIPE
 
 logger = logging.getLogger(__name__)
@@ -316,8 +316,12 @@ def _train(
 
     writer = None
     if config.tensorboard and ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "--tensorboard needs the tensorboard package: pip install tensorboard"
+            ) from None
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def rng_states(aug: torch.Generator | None) -> dict[str, Any]:
