@@ -142,6 +142,16 @@ def _image_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError("expected 'auto' or a number of pixels") from None
 
 
+def _box_overrides(args: argparse.Namespace) -> tuple[dict | None, bool | None]:
+    """Box settings and lung-mask choice from the flags (None: the checkpoint's)."""
+    from pneumoloc.recipe import NOTEBOOK_RECIPE
+
+    if args.box_rule == "notebook":  # the original notebook's whole rule, not just its threshold
+        lung = NOTEBOOK_RECIPE["lung_mask"] if args.lung_mask is None else args.lung_mask
+        return dict(NOTEBOOK_RECIPE["box_config"]), lung
+    return ({"rule": args.box_rule} if args.box_rule else None), args.lung_mask
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pneumoloc.evaluate import evaluate
 
@@ -149,15 +159,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from pneumoloc.errors import ConfigError
 
         raise ConfigError("--box-rule and --tune-boxes-on-val exclude each other")
+    box_config, lung_mask = _box_overrides(args)
     metrics = evaluate(
         args.checkpoint,
         args.data,
         split=args.split,
         out=args.out,
         cam_method=args.cam,
-        box_config={"rule": args.box_rule} if args.box_rule else None,
+        box_config=box_config,
         tune_boxes_on_val=args.tune_boxes_on_val,
         tta=args.tta,
+        lung_mask=lung_mask,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,
@@ -207,6 +219,62 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         for name, reason in result.failed[:20]:
             print(f"  {name}: {reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pneumoloc.serve import run_server
+
+    run_server(
+        args.model,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_upload_mb=args.max_upload_mb,
+        cam_method=args.cam,
+        device=args.device,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pneumoloc.predict import predict_paths
+
+    result = predict_paths(
+        args.inputs,
+        args.out,
+        model=args.model,
+        backend=args.backend,
+        cam_method=args.cam,
+        device=args.device,
+        batch_size=args.batch_size,
+        keep_identifiers=args.keep_identifiers,
+        overlays=not args.no_overlay,
+        workers=args.workers,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(
+        f"{len(result.rows)} image(s): {result.n_ok} predicted, {result.n_failed} failed, "
+        f"in {result.seconds:.1f} s ({result.backend}, {result.model_id})"
+    )
+    print(f"summary: {result.summary}")
+    if result.n_failed:
+        print(f"{result.n_failed} file(s) could not be read (skipped):", file=sys.stderr)
+        for row in [r for r in result.rows if r.status != "ok"][:20]:
+            print(f"  {row.source}: {row.error}", file=sys.stderr)
+    return result.exit_code
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pneumoloc.export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.onnx, opset=args.opset, dynamo=not args.torchscript)
+    print(
+        f"wrote {result.path} (opset {result.opset}, {result.exporter} exporter; "
+        f"max |ONNX Runtime - PyTorch|: probability {result.max_abs_diff_probability:.1e}, "
+        f"heatmap {result.max_abs_diff_heatmap:.1e})"
+    )
     return 0
 
 
@@ -313,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tta", action="store_true", help="test-time augmentation of the heatmaps")
     p.add_argument(
+        "--lung-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="restrict heatmaps to label-free lung masks (default: the checkpoint's)",
+    )
+    p.add_argument(
         "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"
     )
     p.add_argument("--gallery", type=int, default=4, help="example overlays per category")
@@ -339,6 +413,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_submit)
+
+    p = sub.add_parser("serve", help="a local web page and JSON API for one model")
+    p.add_argument(
+        "--model", default="default", help="checkpoint file, or 'default' for the shipped model"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (non-loopback needs a token)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token", default=None, help="access token for /api (default: $PNEUMOLOC_TOKEN)"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB")
+    p.add_argument("--cam", default=None, help="heatmap method (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(handler=_cmd_serve)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict DICOM/PNG/JPEG files: JSON records, overlays and summary.csv",
+        description="Exit status: 0 when every input was predicted, 1 when any file could not "
+        "be read (listed in summary.csv, skipped), 2 on usage errors (bad option, missing input "
+        "or model).",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, help="files or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="checkpoint (torch) or exported .onnx (onnx), or 'default' for the shipped model",
+    )
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--cam", default=None, help="heatmap method (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (torch backend)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: 8 on a GPU, 1 on the CPU (faster)"
+    )
+    p.add_argument(
+        "--keep-identifiers",
+        action="store_true",
+        help="copy DICOM identifiers (PatientID, PatientName, ...) into the JSON records",
+    )
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+    p.add_argument(
+        "--workers", type=int, default=None, help="reading/writing threads (default: all cores)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="network threads (default: all cores; 1 can be faster on a busy machine)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint's classifier and CAM heatmap as one ONNX graph"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, or 'default' for the shipped model")
+    p.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--torchscript", action="store_true", help="use the legacy TorchScript exporter")
+    p.set_defaults(handler=_cmd_export)
 
     return parser
 

@@ -79,47 +79,29 @@ class Prediction:
         }
 
 
-@dataclass
-class Predictor:
-    """A loaded model plus how to turn its evidence into boxes.
+class BasePredictor:
+    """Everything after the network: probabilities and heatmaps -> decisions and boxes.
+
+    A backend implements :meth:`heatmaps`; the decision threshold, the box rule and the record
+    fields are shared, so the PyTorch :class:`Predictor` and the ONNX Runtime backend
+    (:class:`pneumoloc.export.OnnxPredictor`) can never disagree after the network.
 
     Attributes:
-        model: The classifier (eval mode).
-        meta: The checkpoint's metadata (image size, threshold, model spec, metrics...).
+        meta: The model's metadata (image size, threshold, model spec, ...).
         cam_method: Key of ``pneumoloc.cam.CAM_METHODS``.
         box_config: The heatmap -> boxes rule.
         tta: Test-time augmentation of the heatmaps.
-        batch_size: Images per forward pass.
+        threshold_override: Replaces the stored decision threshold when not None.
+        lung_mask: Zero the heatmaps outside an estimated lung mask.
     """
 
-    model: torch.nn.Module
+    backend: str = "torch"
     meta: dict[str, Any]
-    cam_method: str = "cam"
-    box_config: BoxConfig = field(default_factory=BoxConfig)
-    tta: bool = False
-    batch_size: int = 16
-    threshold_override: float | None = None
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: str | Path | None = None, *, device: str = "auto", **kwargs: Any
-    ) -> Predictor:
-        """Load a checkpoint (None or "default": the shipped model).
-
-        Box settings stored in the checkpoint (``meta["box_config"]``) are the defaults;
-        ``box_config`` in ``kwargs`` replaces them.
-        """
-        path = resolve_checkpoint(checkpoint)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        payload = load_checkpoint(path, map_location=device)
-        model, meta = model_from_checkpoint(payload, device=device)
-        meta["checkpoint_path"] = str(path)
-        if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
-            kwargs["box_config"] = BoxConfig(**meta["box_config"])
-        if "cam_method" not in kwargs and meta.get("cam_method"):
-            kwargs["cam_method"] = meta["cam_method"]
-        return cls(model=model, meta=meta, **kwargs)
+    cam_method: str
+    box_config: BoxConfig
+    tta: bool
+    threshold_override: float | None
+    lung_mask: bool = False
 
     @property
     def image_size(self) -> int:
@@ -144,29 +126,7 @@ class Predictor:
 
     def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
-        from pneumoloc.cam import compute_cam
-
-        tensor = (
-            torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-        )
-        if tensor.ndim == 3:
-            tensor = tensor.unsqueeze(1)
-        probs, maps = [], []
-        for start in range(0, len(tensor), self.batch_size):
-            x = normalise(tensor[start : start + self.batch_size])
-            p, h = compute_cam(
-                self.model,  # type: ignore[arg-type]
-                x,
-                method=self.cam_method,
-                tta=self.tta,
-                normalize=True,
-            )
-            probs.append(p.detach().cpu())
-            maps.append(h.detach().cpu())
-        if not probs:
-            s = self.image_size
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
-        return torch.cat(probs).numpy(), torch.cat(maps).numpy()
+        raise NotImplementedError
 
     def predict_arrays(
         self,
@@ -221,13 +181,107 @@ class Predictor:
             "threshold": self.threshold,
             "cam_method": self.cam_method,
             "tta": self.tta,
+            "lung_mask": self.lung_mask,
             "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
+            "backend": self.backend,
         }
 
 
+@dataclass
+class Predictor(BasePredictor):
+    """A loaded PyTorch model plus how to turn its evidence into boxes.
+
+    Attributes:
+        model: The classifier (eval mode).
+        meta: The checkpoint's metadata (image size, threshold, model spec, metrics...).
+        cam_method: Key of ``pneumoloc.cam.CAM_METHODS``.
+        box_config: The heatmap -> boxes rule.
+        tta: Test-time augmentation of the heatmaps.
+        batch_size: Images per forward pass.
+    """
+
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    cam_method: str = "cam"
+    box_config: BoxConfig = field(default_factory=BoxConfig)
+    tta: bool = False
+    batch_size: int = 16
+    threshold_override: float | None = None
+    lung_mask: bool = False
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | None = None, *, device: str = "auto", **kwargs: Any
+    ) -> Predictor:
+        """Load a checkpoint (None or "default": the shipped model).
+
+        Box settings stored in the checkpoint (``meta["box_config"]``) are the defaults;
+        ``box_config`` in ``kwargs`` replaces them.
+        """
+        path = resolve_checkpoint(checkpoint)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        payload = load_checkpoint(path, map_location=device)
+        model, meta = model_from_checkpoint(payload, device=device)
+        meta["checkpoint_path"] = str(path)
+        if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
+            kwargs["box_config"] = BoxConfig(**meta["box_config"])
+        for key in ("cam_method", "tta", "lung_mask"):
+            if key not in kwargs and meta.get(key) is not None:
+                kwargs[key] = meta[key]
+        return cls(model=model, meta=meta, **kwargs)
+
+    def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+        from pneumoloc.cam import compute_cam
+
+        tensor = (
+            torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        )
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(1)
+        device = next(self.model.parameters()).device
+        probs, maps = [], []
+        for start in range(0, len(tensor), self.batch_size):
+            # uint8 travels to the device (4x less than float32), normalised there.
+            x = normalise(tensor[start : start + self.batch_size].to(device))
+            p, h = compute_cam(
+                self.model,  # type: ignore[arg-type]
+                x,
+                method=self.cam_method,
+                tta=self.tta,
+                normalize=True,
+            )
+            probs.append(p.detach().cpu())
+            maps.append(h.detach().cpu())
+        if not probs:
+            s = self.image_size
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
+        heatmaps = torch.cat(maps).numpy()
+        if self.lung_mask:
+            heatmaps = self._restrict_to_lungs(tensor[:, 0].numpy(), heatmaps)
+        return torch.cat(probs).numpy(), heatmaps
+
+    @staticmethod
+    def _restrict_to_lungs(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+        """Zero each heatmap outside its image's label-free lung mask (unchanged if none found)."""
+        from pneumoloc.lungs import estimate_lung_mask
+
+        out = heatmaps.copy()
+        for i, image in enumerate(images):
+            mask = estimate_lung_mask(image)
+            if mask is None or mask.shape != out[i].shape:
+                continue
+            out[i] = np.where(mask, out[i], 0.0)
+            peak = out[i].max()
+            if peak > 0:
+                out[i] /= peak
+        return out
+
+
 def prediction_record(
-    prediction: Prediction, predictor: Predictor, *, image_id: str
+    prediction: Prediction, predictor: BasePredictor, *, image_id: str
 ) -> dict[str, Any]:
     """The JSON record of one prediction, shared by ``predict`` and the web API.
 
@@ -254,8 +308,12 @@ def prediction_overlay(
     show_heatmap: bool = True,
     show_boxes: bool = True,
     alpha: float = 0.4,
+    colour_bar: bool = True,
 ) -> np.ndarray:
-    """RGB overlay of one prediction on its X-ray (heatmap, boxes, probability and decision)."""
+    """RGB overlay of one prediction on its X-ray (heatmap, boxes, probability and decision).
+
+    ``colour_bar`` adds the heatmap's colour scale and the box legend to the banner.
+    """
     from pneumoloc.report.overlay import render_overlay
 
     boxes = prediction.boxes.boxes if show_boxes else np.zeros((0, 4), np.float32)
@@ -270,4 +328,5 @@ def prediction_overlay(
         title=title,
         alpha=alpha,
         box_shape=prediction.original_shape,
+        colour_bar=colour_bar,
     )

@@ -77,6 +77,7 @@ def render_overlay(
     *,
     box_shape: tuple[int, int] | None = None,
     min_display: int = 384,
+    colour_bar: bool = False,
 ) -> np.ndarray:
     """Draw an X-ray with its heatmap, boxes and probability.
 
@@ -95,6 +96,10 @@ def render_overlay(
         box_shape: (H, W) of the boxes' coordinate system (e.g. the original image when the
             pixels are a downsized copy); default the pixels' shape.
         min_display: Images whose long side is smaller are enlarged so text stays legible.
+        colour_bar: Add the heatmap's colour scale (0 to 1 of the per-image maximum) to the
+            banner when a heatmap is drawn, and list in the box legend only the kinds of box
+            drawn (no "truth box" entry without ``gt_boxes``). Off by default: the picture is
+            unchanged for existing callers.
 
     Returns:
         RGB uint8 (H', W' + banner, 3) image: a text banner above the (possibly enlarged)
@@ -140,7 +145,11 @@ def render_overlay(
             tb = draw.textbbox((x0 + line, y0 + line), label, font=font)
             draw.rectangle(tb, fill=(0, 0, 0))
             draw.text((x0 + line, y0 + line), label, fill=PRED_COLOUR, font=font)
-    return np.asarray(_with_banner(picture, _banner_lines(title, probability, threshold), font))
+    lines = _banner_lines(
+        title, probability, threshold, truth_legend=not colour_bar or gt_boxes is not None
+    )
+    bar = colour_bar and heatmap01 is not None and alpha > 0
+    return np.asarray(_with_banner(picture, lines, font, colour_bar=bar))
 
 
 def _rectangle(
@@ -162,7 +171,11 @@ Segment = tuple[str, tuple[int, int, int]]
 
 
 def _banner_lines(
-    title: str | None, probability: float | None, threshold: float | None
+    title: str | None,
+    probability: float | None,
+    threshold: float | None,
+    *,
+    truth_legend: bool = True,
 ) -> list[list[Segment]]:
     lines: list[list[Segment]] = []
     if title:
@@ -173,7 +186,10 @@ def _banner_lines(
             decision = "pneumonia" if probability >= threshold else "no pneumonia"
             text += f"  (threshold {threshold:.3f}: {decision})"
         lines.append([(text, _TEXT)])
-    lines.append([("truth box", GT_COLOUR), ("   ", _TEXT), ("predicted box", PRED_COLOUR)])
+    if truth_legend:
+        lines.append([("truth box", GT_COLOUR), ("   ", _TEXT), ("predicted box", PRED_COLOUR)])
+    else:
+        lines.append([("predicted box", PRED_COLOUR)])
     return lines
 
 
@@ -181,6 +197,8 @@ def _with_banner(
     picture: Image.Image,
     lines: list[list[Segment]],
     font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    *,
+    colour_bar: bool = False,
 ) -> Image.Image:
     probe = ImageDraw.Draw(picture)
     heights = [
@@ -188,7 +206,8 @@ def _with_banner(
         for segs in lines
     ]
     pad = 4
-    banner_h = sum(heights) + pad * (len(lines) + 1)
+    bar_h = heights[-1] if colour_bar else 0
+    banner_h = sum(heights) + pad * (len(lines) + 1) + (bar_h + pad if colour_bar else 0)
     canvas = Image.new("RGB", (picture.width, picture.height + banner_h), _BANNER_BG)
     canvas.paste(picture, (0, banner_h))
     draw = ImageDraw.Draw(canvas)
@@ -199,7 +218,31 @@ def _with_banner(
             draw.text((x, y), text, fill=colour, font=font)
             x += draw.textlength(text, font=font)
         y += th + pad
+    if colour_bar:
+        _draw_colour_bar(canvas, draw, font, pad, y, bar_h)
     return canvas
+
+
+def _draw_colour_bar(
+    canvas: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    x: int,
+    y: int,
+    height: int,
+) -> None:
+    """``heatmap 0 [gradient] 1`` on one banner row: the scale of the heatmap's colours."""
+    from matplotlib import colormaps
+
+    label = "heatmap (fraction of image max)  0 "
+    draw.text((x, y), label, fill=_TEXT, font=font)
+    x0 = x + math.ceil(draw.textlength(label, font=font))
+    end = " 1"
+    width = max(16, canvas.width - x0 - math.ceil(draw.textlength(end, font=font)) - 2 * x)
+    ramp = colormaps[_HEATMAP_CMAP](np.linspace(0.0, 1.0, width))[:, :3]
+    strip = np.repeat((ramp * 255 + 0.5).astype(np.uint8)[None], max(2, height - 2), axis=0)
+    canvas.paste(Image.fromarray(strip, mode="RGB"), (x0, y + 1))
+    draw.text((x0 + width, y), end, fill=_TEXT, font=font)
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
