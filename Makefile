@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-LINT_PATHS := src tests benchmarks
+LINT_PATHS := src tests benchmarks tools
 
 .PHONY: demo test lint install clean
 
