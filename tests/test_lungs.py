@@ -35,3 +35,19 @@ def test_blank_image_has_no_lungs() -> None:
 def test_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         estimate_lung_mask(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_restrict_to_lungs_zeroes_outside_and_renormalises() -> None:
+    from pneumoloc.lungs import restrict_to_lungs
+
+    case = make_case(SynthConfig(n=1, image_size=64, seed=2), 0)
+    blank = np.full((64, 64), 128, np.uint8)
+    images = np.stack([case.image, blank])
+    heat = np.zeros((2, 64, 64), np.float32)
+    heat[:, 0:4, 0:4] = 1.0  # a hot corner, outside any lung
+    heat[:, 32, 20] = 0.5
+    out = restrict_to_lungs(images, heat)
+    mask = estimate_lung_mask(case.image)
+    assert mask is not None
+    assert out[0][~mask].max() == 0 and out[0].max() == 1.0  # the in-lung 0.5 rescaled to 1
+    np.testing.assert_array_equal(out[1], heat[1])  # no lungs found: unchanged

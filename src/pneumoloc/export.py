@@ -433,9 +433,9 @@ class OnnxPredictor(BasePredictor):
             maps.append(h)
         heatmaps = np.concatenate(maps).astype(np.float32)
         if self.lung_mask:  # the same post-processing as the torch backend
-            from pneumoloc.inference import Predictor
+            from pneumoloc.lungs import restrict_to_lungs
 
-            heatmaps = Predictor._restrict_to_lungs(arr[:, 0], heatmaps)
+            heatmaps = restrict_to_lungs(arr[:, 0], heatmaps)
         return np.concatenate(probs).astype(np.float32), heatmaps
 
 

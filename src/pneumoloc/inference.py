@@ -22,6 +22,7 @@ from pneumoloc.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoloc.data.cache import resize_square
 from pneumoloc.errors import CheckpointError
 from pneumoloc.io import XrayImage
+from pneumoloc.lungs import restrict_to_lungs
 
 logger = logging.getLogger(__name__)
 
@@ -260,24 +261,8 @@ class Predictor(BasePredictor):
             return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
         heatmaps = torch.cat(maps).numpy()
         if self.lung_mask:
-            heatmaps = self._restrict_to_lungs(tensor[:, 0].numpy(), heatmaps)
+            heatmaps = restrict_to_lungs(tensor[:, 0].numpy(), heatmaps)
         return torch.cat(probs).numpy(), heatmaps
-
-    @staticmethod
-    def _restrict_to_lungs(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
-        """Zero each heatmap outside its image's label-free lung mask (unchanged if none found)."""
-        from pneumoloc.lungs import estimate_lung_mask
-
-        out = heatmaps.copy()
-        for i, image in enumerate(images):
-            mask = estimate_lung_mask(image)
-            if mask is None or mask.shape != out[i].shape:
-                continue
-            out[i] = np.where(mask, out[i], 0.0)
-            peak = out[i].max()
-            if peak > 0:
-                out[i] /= peak
-        return out
 
 
 def prediction_record(

@@ -83,3 +83,25 @@ def estimate_lung_mask(
     if grow > 0:
         mask = ndimage.binary_dilation(mask, iterations=grow)
     return np.asarray(mask, dtype=bool)
+
+
+def restrict_to_lungs(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+    """Zero each heatmap outside its image's lung mask and rescale it to a peak of 1.
+
+    Args:
+        images: uint8 (B, H, W), the model's inputs.
+        heatmaps: (B, H, W) heatmaps in [0, 1] at the same size.
+
+    Returns:
+        A new array; a heatmap whose image has no detectable lungs is left as it was.
+    """
+    out = np.array(heatmaps, copy=True)
+    for i, image in enumerate(images):
+        mask = estimate_lung_mask(image)
+        if mask is None or mask.shape != out[i].shape:
+            continue
+        out[i] = np.where(mask, out[i], 0.0)
+        peak = out[i].max()
+        if peak > 0:
+            out[i] /= peak
+    return out
