@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,3 +53,51 @@ def synth_rsna(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth-rsna")
     generate_rsna(out, SynthConfig(n=40, seed=3, image_size=64, prevalence=0.4))
     return out
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def crafted_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR declares ``width`` x ``height`` 8-bit grayscale pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def save_untrained_checkpoint(
+    path: Path,
+    name: str = "smallcamnet",
+    *,
+    size: int,
+    threshold: float,
+    seed: int = 0,
+    **extra: Any,
+) -> Path:
+    """A seeded, untrained model whose positive head on ReLU features gives non-flat CAMs."""
+    import torch
+
+    from pneumoloc.checkpoint import save_checkpoint
+    from pneumoloc.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name)
+    with torch.no_grad():
+        model.head.weight.abs_()
+        model.head.bias.zero_()
+    payload = {
+        "model": model.spec,
+        "state_dict": model.state_dict(),
+        "image_size": size,
+        "threshold": threshold,
+        **extra,
+    }
+    save_checkpoint(path, payload)
+    return path

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from PIL import Image
 
+from conftest import save_untrained_checkpoint
 from pneumoloc.boxes import BoxConfig
-from pneumoloc.checkpoint import save_checkpoint
 from pneumoloc.cli import main
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.export import (
@@ -26,30 +25,21 @@ from pneumoloc.export import (
 from pneumoloc.inference import Predictor
 from pneumoloc.io import read_xray
 from pneumoloc.metrics.localisation import iou_matrix
-from pneumoloc.models import build_model
 
 SIZE = 64
 
 
 def save_model(path: Path, name: str, *, threshold: float = 0.5, seed: int = 0) -> Path:
     """A seeded, untrained model with a positive head (non-flat, non-zero CAMs)."""
-    torch.manual_seed(seed)
-    model = build_model(name)
-    with torch.no_grad():
-        model.head.weight.abs_()
-        model.head.bias.zero_()
-    save_checkpoint(
+    return save_untrained_checkpoint(
         path,
-        {
-            "model": model.spec,
-            "state_dict": model.state_dict(),
-            "image_size": SIZE,
-            "threshold": threshold,
-            "box_config": {"rule": "peak", "peak_fraction": 0.6, "closing": 3},
-            "data": {"fingerprint": "abcdef0123456789", "source": "/local/path/never/exported"},
-        },
+        name,
+        size=SIZE,
+        threshold=threshold,
+        seed=seed,
+        box_config={"rule": "peak", "peak_fraction": 0.6, "closing": 3},
+        data={"fingerprint": "abcdef0123456789", "source": "/local/path/never/exported"},
     )
-    return path
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:

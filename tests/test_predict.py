@@ -14,13 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoloc.checkpoint import save_checkpoint
+from conftest import save_untrained_checkpoint
 from pneumoloc.cli import main
 from pneumoloc.data.synthetic import SynthConfig, make_case, write_dicom
 from pneumoloc.errors import CheckpointError, ConfigError, DataError
 from pneumoloc.inference import Predictor
 from pneumoloc.io import read_xray
-from pneumoloc.models import build_model
 from pneumoloc.predict import (
     SUMMARY_COLUMNS,
     InputFile,
@@ -51,21 +50,7 @@ def save_model(
     path: Path, threshold: float, *, name: str = "smallcamnet", size: int = SIZE
 ) -> Path:
     """A seeded, untrained model whose positive head on ReLU features gives non-flat CAMs."""
-    torch.manual_seed(0)
-    model = build_model(name)
-    with torch.no_grad():
-        model.head.weight.abs_()
-        model.head.bias.zero_()
-    save_checkpoint(
-        path,
-        {
-            "model": model.spec,
-            "state_dict": model.state_dict(),
-            "image_size": size,
-            "threshold": threshold,
-        },
-    )
-    return path
+    return save_untrained_checkpoint(path, name, size=size, threshold=threshold)
 
 
 def grey(shape: tuple[int, int], seed: int) -> np.ndarray:

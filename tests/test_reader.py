@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import tracemalloc
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from pydicom.uid import (
 )
 
 import pneumoloc.io.reader as reader_module
+from conftest import crafted_png
 from pneumoloc.errors import (
     ImageReadError,
     ImageTooLargeError,
@@ -102,22 +102,6 @@ def pillow_bytes(arr: np.ndarray, fmt: str, **kwargs: object) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def crafted_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR declares ``width`` x ``height`` 8-bit grayscale pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def encode_lossless_jpeg(arr: np.ndarray, precision: int) -> bytes:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 from fastapi.testclient import TestClient
 
+from conftest import crafted_png
 from pneumoloc import DISCLAIMER
 from pneumoloc.checkpoint import save_checkpoint
 from pneumoloc.cli import main
@@ -68,22 +67,6 @@ def synthetic_dicoms(root: Path, n: int = 2, image_size: int = 64) -> list[Path]
     """Synthetic RSNA-like JPEG Baseline DICOMs."""
     generate_rsna(root, SynthConfig(n=n, seed=5, image_size=image_size, prevalence=1.0))
     return sorted((root / "stage_2_train_images").glob("*.dcm"))
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def crafted_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR declares ``width`` x ``height`` 8-bit grayscale pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def dicom_bytes(ds: pydicom.Dataset) -> bytes:
