@@ -32,9 +32,9 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -335,7 +335,7 @@ def _parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OnnxPredictor(BasePredictor):
     """An exported model run by ONNX Runtime on the CPU.
 
@@ -350,16 +350,9 @@ class OnnxPredictor(BasePredictor):
         batch_size: Images per ``session.run``.
     """
 
-    backend = "onnx"
+    backend: ClassVar[str] = "onnx"
 
     session: Any
-    meta: dict[str, Any]
-    cam_method: str = "cam"
-    box_config: BoxConfig = field(default_factory=BoxConfig)
-    tta: bool = False
-    batch_size: int = 16
-    threshold_override: float | None = None
-    lung_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.cam_method != "cam":

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ class Prediction:
         }
 
 
+@dataclass(kw_only=True)
 class BasePredictor:
     """Everything after the network: probabilities and heatmaps -> decisions and boxes.
 
@@ -96,12 +97,13 @@ class BasePredictor:
         lung_mask: Zero the heatmaps outside an estimated lung mask.
     """
 
-    backend: str = "torch"
+    backend: ClassVar[str] = "torch"
     meta: dict[str, Any]
-    cam_method: str
-    box_config: BoxConfig
-    tta: bool
-    threshold_override: float | None
+    cam_method: str = "cam"
+    box_config: BoxConfig = field(default_factory=BoxConfig)
+    tta: bool = False
+    batch_size: int = 16
+    threshold_override: float | None = None
     lung_mask: bool = False
 
     @property
@@ -189,7 +191,7 @@ class BasePredictor:
         }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Predictor(BasePredictor):
     """A loaded PyTorch model plus how to turn its evidence into boxes.
 
@@ -203,13 +205,6 @@ class Predictor(BasePredictor):
     """
 
     model: torch.nn.Module
-    meta: dict[str, Any]
-    cam_method: str = "cam"
-    box_config: BoxConfig = field(default_factory=BoxConfig)
-    tta: bool = False
-    batch_size: int = 16
-    threshold_override: float | None = None
-    lung_mask: bool = False
 
     @classmethod
     def from_checkpoint(
