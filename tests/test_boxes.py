@@ -234,3 +234,25 @@ def test_batch_matches_single_calls() -> None:
         cam_to_boxes_batch(hms, probs[:2], threshold=0.5)
     with pytest.raises(ValueError, match="lung_masks"):
         cam_to_boxes_batch(hms, probs, threshold=0.5, lung_masks=[None])
+
+
+def test_smoothing_merges_a_grid_of_peaks_into_one_box() -> None:
+    """A dilated backbone's CAM can be a grid of isolated hot pixels over one region."""
+    hm = np.zeros((128, 128), np.float32)
+    hm[40:80:6, 30:70:6] = 1.0  # a lattice of single hot pixels over a 40 x 40 region
+    plain = cam_to_boxes(hm, 0.9, threshold=0.5, config=BoxConfig(closing=0, max_boxes=3))
+    smooth = cam_to_boxes(
+        hm,
+        0.9,
+        threshold=0.5,
+        config=BoxConfig(closing=0, max_boxes=3, smooth_fraction=0.03),
+    )
+    assert len(plain) == 0  # each hot pixel alone is under the minimum area
+    assert len(smooth) == 1
+    x, y, w, h = smooth.boxes[0]
+    assert 25 <= x <= 42 and 35 <= y <= 52 and 25 <= w <= 50 and 25 <= h <= 50
+
+
+def test_smoothing_fraction_is_validated() -> None:
+    with pytest.raises(ConfigError, match="smooth_fraction"):
+        BoxConfig(smooth_fraction=0.7)

@@ -6,6 +6,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -153,7 +154,7 @@ def test_unknown_names_and_options_raise_config_error() -> None:
     with pytest.raises(ConfigError, match=r"smallcamnet.*timm\.list_models"):
         build_model("no_such_net")
     with pytest.raises(ConfigError, match="pooling"):
-        build_model("smallcamnet", pool="topk")
+        build_model("smallcamnet", pool="median")
     with pytest.raises(ConfigError, match="ImageNet"):
         build_model("smallcamnet", pretrained="imagenet")
 
@@ -209,3 +210,15 @@ def test_pretrained_missing_or_unreadable_file(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk\.pth: cannot read"):
         build_model("resnet18", pretrained=junk)
+
+
+def test_topk_pooling_is_the_mean_of_the_strongest_locations() -> None:
+    from pneumoloc.models.classifier import topk_pool_cam
+
+    cam = torch.arange(100, dtype=torch.float32).reshape(1, 10, 10)
+    assert topk_pool_cam(cam, 0.1).item() == pytest.approx(float(np.mean(np.arange(90, 100))))
+    model = build_model("smallcamnet", pool="topk")
+    x = torch.randn(2, 1, 32, 32)
+    logits, cam2 = model.forward_with_cam(x)
+    torch.testing.assert_close(logits, topk_pool_cam(cam2))
+    torch.testing.assert_close(model(x), logits)

@@ -42,8 +42,17 @@ TRAIN_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "resnet18_384_os16": {"model": "resnet18", "image_size": 384, "output_stride": 16},
     "effb0_256_os8": {"model": "efficientnet_b0", "image_size": 256, "output_stride": 8},
+    "effb0_256_os8_topk": {
+        "model": "efficientnet_b0",
+        "image_size": 256,
+        "output_stride": 8,
+        "pool": "topk",
+    },
 }
-SMALL_MODELS = {"effb0_256_os8"}  # candidates for the shipped default (a few MB)
+SMALL_MODELS = {
+    "effb0_256_os8",
+    "effb0_256_os8_topk",
+}  # candidates for the shipped default (a few MB)
 
 # Inference variants: (cam method, tta, lung mask, box config overrides)
 INFER_VARIANTS: dict[str, dict[str, Any]] = {
@@ -60,6 +69,16 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
     "lung_peak0.5_split2": {
         "lung": True,
         "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+    "lung_peak0.4_smooth_split2": {
+        "lung": True,
+        "box": {
+            "rule": "peak",
+            "peak_fraction": 0.4,
+            "split_midline": True,
+            "max_boxes": 2,
+            "smooth_fraction": 1 / 64,
+        },
     },
     "tta_peak0.5_split2": {
         "tta": True,

@@ -58,6 +58,8 @@ class BoxConfig:
         nms_iou: Non-maximum suppression drops a box whose IoU with a better one exceeds this.
         pad_fraction: Grows each box (shrinks if negative) by this fraction of its width and
             height, keeping its centre.
+        smooth_fraction: Gaussian smoothing of the heatmap before thresholding, sigma as a
+            fraction of its side (0 = none); evens out the grid pattern of dilated backbones.
         split_midline: Cut components at the vertical midline of the image into left and right
             parts.
     """
@@ -71,6 +73,7 @@ class BoxConfig:
     nms_iou: float = 0.3
     pad_fraction: float = 0.0
     split_midline: bool = False
+    smooth_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rule not in BOX_RULES:
@@ -85,6 +88,7 @@ class BoxConfig:
             (self.max_boxes >= 1, "max_boxes must be >= 1"),
             (0.0 <= self.nms_iou <= 1.0, "nms_iou must be in [0, 1]"),
             (self.pad_fraction > -1.0, "pad_fraction must be > -1"),
+            (0.0 <= self.smooth_fraction < 0.5, "smooth_fraction must be in [0, 0.5)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -254,6 +258,8 @@ def cam_to_boxes(
     if probability < threshold:
         return ScoredBoxes()
     h, w = hm.shape
+    if config.smooth_fraction > 0:
+        hm = ndimage.gaussian_filter(hm, sigma=config.smooth_fraction * min(h, w))
     lo, hi = float(hm.min()), float(hm.max())
     if hi <= lo:
         return ScoredBoxes()

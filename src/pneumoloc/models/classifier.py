@@ -43,8 +43,28 @@ def lse_pool_cam(cam: Tensor, r: float = LSE_R) -> Tensor:
     return (torch.logsumexp(r * cam.flatten(-2), dim=-1) - math.log(n)) / r
 
 
-POOLS: dict[str, Callable[[Tensor], Tensor]] = {"avg": avg_pool_cam, "lse": lse_pool_cam}
-"""Spatial poolings of the CAM, by name. Add "topk" etc. here."""
+TOPK_FRACTION = 0.1
+"""Fraction of CAM locations averaged by top-k pooling."""
+
+
+def topk_pool_cam(cam: Tensor, fraction: float = TOPK_FRACTION) -> Tensor:
+    """Pool a CAM (B, h, w) to logits (B,) by the mean of its highest ``fraction`` of locations.
+
+    Top-k multiple-instance pooling (as in WILDCAT, Durand et al. 2017, with no negative
+    evidence term): only the strongest evidence decides, so training does not reward spreading
+    activation over the whole image. The CAM stays exact: the logit is a function of the CAM.
+    """
+    flat = cam.flatten(-2)
+    k = max(1, round(fraction * flat.shape[-1]))
+    return flat.topk(k, dim=-1).values.mean(dim=-1)
+
+
+POOLS: dict[str, Callable[[Tensor], Tensor]] = {
+    "avg": avg_pool_cam,
+    "lse": lse_pool_cam,
+    "topk": topk_pool_cam,
+}
+"""Spatial poolings of the CAM, by name (the ``pool`` option of ``build_model``)."""
 
 
 class CamClassifier(nn.Module):
