@@ -25,10 +25,14 @@ INTENSITY_CONVENTION = {
 }
 
 
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Images already scaled to [0, 1] -> the standardised model input."""
+    return (x - INTENSITY_MEAN) / INTENSITY_STD
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or [0, 255] float) images (B, 1, H, W) -> standardised float32."""
-    x = images.float() / 255.0
-    return (x - INTENSITY_MEAN) / INTENSITY_STD
+    return standardise(images.float() / 255.0)
 
 
 @dataclass(frozen=True)

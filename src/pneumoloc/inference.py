@@ -135,7 +135,6 @@ class BasePredictor:
         self,
         images: np.ndarray,
         original_shapes: Sequence[tuple[int, int]],
-        lung_masks: Sequence[np.ndarray | None] | None = None,
     ) -> list[Prediction]:
         """Predict uint8 images already at the model's size (e.g. rows of a cache)."""
         if len(images) != len(original_shapes):
@@ -149,7 +148,6 @@ class BasePredictor:
                 float(p),
                 threshold=self.threshold,
                 config=self.box_config,
-                lung_mask=None if lung_masks is None else lung_masks[i],
                 out_shape=shape,
             )
             out.append(

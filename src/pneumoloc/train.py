@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from pneumoloc.augment import INTENSITY_CONVENTION, augment_batch, normalise
+from pneumoloc.augment import INTENSITY_CONVENTION, augment_batch, normalise, standardise
 from pneumoloc.checkpoint import load_checkpoint, save_checkpoint
 from pneumoloc.config import TrainConfig, save_train_config
 from pneumoloc.data.cache import Cache, resolve_cache
@@ -408,9 +408,7 @@ def _train(
                     images, targets = train_set.gather(batch_pos)
                     images = images.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
-                x = augment_batch(images.float() / 255.0, config.augment, aug_gen)
-                x = x * 255.0
-                x = normalise(x)
+                x = standardise(augment_batch(images.float() / 255.0, config.augment, aug_gen))
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(

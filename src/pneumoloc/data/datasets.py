@@ -53,13 +53,8 @@ class ImageLabelDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Batched fetch: one sorted gather from the memory map instead of many small reads."""
-        rows = self._indices[np.asarray(items, dtype=np.int64)]
-        order = np.argsort(rows, kind="stable")
-        gathered = np.empty((len(rows), *self._images.shape[1:]), dtype=np.uint8)
-        gathered[order] = self._images[rows[order]]
-        images = torch.from_numpy(gathered).unsqueeze(1)
-        labels = torch.from_numpy(self._labels[rows])
-        return [(images[k], labels[k]) for k in range(len(rows))]
+        images, labels = self.gather(np.asarray(items, dtype=np.int64))
+        return [(images[k], labels[k]) for k in range(len(items))]
 
     @property
     def labels(self) -> np.ndarray:
