@@ -1,6 +1,6 @@
 """Classifiers with exact class activation maps, built by name."""
 
-from pneumoloc.models.classifier import LSE_R, POOLS, CamClassifier
+from pneumoloc.models.classifier import LSE_R, POOL_NAMES, POOLS, CamClassifier
 from pneumoloc.models.factory import (
     IMAGENET,
     MODELS,
@@ -15,6 +15,7 @@ __all__ = [
     "LSE_R",
     "MODELS",
     "POOLS",
+    "POOL_NAMES",
     "CamClassifier",
     "LoadReport",
     "build_model",

@@ -10,8 +10,10 @@ and the logit is the spatial pooling of that map. For average pooling this is th
 "global average pooling then Linear" network (the linear head commutes with the mean), and
 ``mean(CAM) == logit`` holds exactly. Log-sum-exp pooling does *not* commute with a linear
 head channel by channel, so it is applied to the CAM itself (class-wise pooling):
-``logit == LSE_r(CAM)`` exactly. Either way the map the user sees is the map the decision was
-pooled from.
+``logit == LSE_r(CAM)`` exactly. Attention multiple-instance pooling (Ilse et al. 2018) weights
+the CAM by a softmax over locations computed from the features by a small gated-attention
+branch: ``logit == sum(a * CAM)`` exactly, with ``sum(a) == 1``. Every way, the map the user
+sees is the map the decision was pooled from.
 """
 
 from __future__ import annotations
@@ -64,7 +66,36 @@ POOLS: dict[str, Callable[[Tensor], Tensor]] = {
     "lse": lse_pool_cam,
     "topk": topk_pool_cam,
 }
-"""Spatial poolings of the CAM, by name (the ``pool`` option of ``build_model``)."""
+"""Spatial poolings that are functions of the CAM alone, by name."""
+
+ATTENTION_POOL = "attention"
+"""Name of the learned attention MIL pooling (needs the features, so not in ``POOLS``)."""
+
+POOL_NAMES: tuple[str, ...] = (*POOLS, ATTENTION_POOL)
+"""Every ``pool`` option of ``build_model``."""
+
+
+class GatedAttention(nn.Module):
+    """Gated attention over locations (Ilse, Tomczak & Welling 2018, "Attention-based Deep
+    Multiple Instance Learning"), as 1x1 convolutions on a feature map.
+
+    ``a = softmax_{y,x}( w · (tanh(V f) * sigmoid(U f)) )``: one weight per location, summing to
+    1 over each image. Written here because timm and torchvision have no MIL pooling that keeps
+    the per-location scores.
+    """
+
+    def __init__(self, channels: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.value = nn.Conv2d(channels, hidden, 1)
+        self.gate = nn.Conv2d(channels, hidden, 1)
+        self.score = nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """Attention weights (B, h, w) >= 0, each image's summing to 1."""
+        hidden = torch.tanh(self.value(feats)) * torch.sigmoid(self.gate(feats))
+        scores = self.score(hidden)[:, 0].float()
+        weights = scores.flatten(-2).softmax(dim=-1).view_as(scores)
+        return weights
 
 
 class CamClassifier(nn.Module):
@@ -75,7 +106,8 @@ class CamClassifier(nn.Module):
             ``num_classes=0, global_pool=""`` (``forward_head(forward_features(x),
             pre_logits=True)`` is used), or any module that is simply called.
         num_features: C, the number of feature channels (timm: ``head_hidden_size``).
-        pool: Name of the spatial pooling, a key of ``POOLS``.
+        pool: Name of the spatial pooling: a key of ``POOLS``, or ``"attention"`` for learned
+            gated-attention MIL pooling (adds a small attention branch on the features).
         drop_rate: Channel dropout on the feature map during training (``nn.Dropout2d``). With
             average pooling this equals dropout on the pooled feature vector.
         spec: ``{"name": ..., "kwargs": {...}}`` that rebuilds this architecture via
@@ -98,14 +130,15 @@ class CamClassifier(nn.Module):
         spec: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise ConfigError(f"unknown pooling {pool!r}; choose one of {sorted(POOLS)}")
+        if pool not in POOL_NAMES:
+            raise ConfigError(f"unknown pooling {pool!r}; choose one of {list(POOL_NAMES)}")
         if not 0.0 <= drop_rate < 1.0:
             raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.backbone = backbone
         self.feature_tap = nn.Identity()
         self.dropout = nn.Dropout2d(drop_rate) if drop_rate > 0 else nn.Identity()
         self.head = nn.Linear(num_features, 1)
+        self.attention = GatedAttention(num_features) if pool == ATTENTION_POOL else None
         self.pool = pool
         self.num_features = num_features
         self.spec: dict[str, Any] = spec if spec is not None else {}
@@ -143,10 +176,14 @@ class CamClassifier(nn.Module):
         """Logits (B,) and the CAM (B, h, w) they were pooled from, in one pass.
 
         The CAM is at feature resolution, not ReLU'd, bias included; ``pool(cam) == logits``
-        exactly (``cam.mean((1, 2))`` for ``pool="avg"``).
+        exactly (``cam.mean((1, 2))`` for ``pool="avg"``; ``(attention(f) * cam).sum((1, 2))``
+        for ``pool="attention"``).
         """
         feats = self.dropout(self.forward_features(x))
         cam = self.cam_from_features(feats)
+        if self.attention is not None:
+            weights = self.attention(feats)
+            return (weights * cam.float()).sum(dim=(-2, -1)).to(cam.dtype), cam
         return POOLS[self.pool](cam), cam
 
     def forward(self, x: Tensor) -> Tensor:

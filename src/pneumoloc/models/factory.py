@@ -51,7 +51,7 @@ def build_model(
         output_stride: Feature-map stride. None keeps the model's own (32 for timm CNNs, 4 for
             smallcamnet); 8 or 16 use dilation where timm supports it (e.g. resnets,
             efficientnets, convnexts; not densenets).
-        pool: Spatial pooling of the CAM: "avg" or "lse".
+        pool: Spatial pooling of the CAM: "avg", "lse", "topk" or "attention".
         kwargs: Keyword arguments as stored in ``spec["kwargs"]``; merged with ``extra``.
         **extra: Passed on to ``timm.create_model`` (e.g. ``drop_path_rate``).
 
