@@ -170,6 +170,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tune_boxes_on_val=args.tune_boxes_on_val,
         tta=args.tta,
         lung_mask=lung_mask,
+        refine=args.refine,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,
@@ -387,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="restrict heatmaps to label-free lung masks (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--refine",
+        choices=["none", "randomwalk"],
+        default=None,
+        help="heatmap refinement: image-guided random walk (default: the checkpoint's)",
     )
     p.add_argument(
         "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"

@@ -377,6 +377,7 @@ def evaluate(
     tune_boxes_on_val: bool = False,
     tta: bool = False,
     lung_mask: bool | None = None,
+    refine: str | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -399,6 +400,8 @@ def evaluate(
             :data:`TUNING_GRID` by the RSNA score on the validation split's boxes (other fields
             from ``box_config``); only allowed with ``split="test"``.
         tta: Test-time augmentation of the heatmaps.
+        lung_mask: Restrict heatmaps to the estimated lung fields (None: the checkpoint's).
+        refine: Heatmap refinement, "randomwalk" or "none" (None: the checkpoint's).
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the
@@ -420,6 +423,8 @@ def evaluate(
     kwargs: dict[str, Any] = {"tta": tta, "batch_size": batch_size}
     if lung_mask is not None:
         kwargs["lung_mask"] = lung_mask
+    if refine is not None:
+        kwargs["refine"] = None if refine == "none" else refine
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     if cam_method is not None:
@@ -555,6 +560,7 @@ def _provenance(
         "cam_method": predictor.cam_method,
         "tta": predictor.tta,
         "lung_mask": predictor.lung_mask,
+        "refine": predictor.refine,
         "box_config": dataclasses.asdict(predictor.box_config),
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None

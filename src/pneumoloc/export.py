@@ -86,6 +86,7 @@ _META_FIELDS = (
     "box_config",
     "cam_layer",
     "lung_mask",
+    "refine",
     "pneumoloc_version",
     "epoch",
 )
@@ -403,6 +404,8 @@ class OnnxPredictor(BasePredictor):
             kwargs["box_config"] = BoxConfig(**meta["box_config"])
         if "lung_mask" not in kwargs and meta.get("lung_mask") is not None:
             kwargs["lung_mask"] = bool(meta["lung_mask"])
+        if "refine" not in kwargs and meta.get("refine") is not None:
+            kwargs["refine"] = str(meta["refine"])
         kwargs.setdefault("cam_method", "cam")
         return cls(session=session, meta=meta, **kwargs)
 
@@ -424,11 +427,8 @@ class OnnxPredictor(BasePredictor):
             p, h = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
             probs.append(p)
             maps.append(h)
-        heatmaps = np.concatenate(maps).astype(np.float32)
-        if self.lung_mask:  # the same post-processing as the torch backend
-            from pneumoloc.lungs import restrict_to_lungs
-
-            heatmaps = restrict_to_lungs(arr[:, 0], heatmaps)
+        # The same post-processing as the torch backend.
+        heatmaps = self.postprocess(arr[:, 0], np.concatenate(maps).astype(np.float32))
         return np.concatenate(probs).astype(np.float32), heatmaps
 
 

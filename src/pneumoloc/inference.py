@@ -23,6 +23,7 @@ from pneumoloc.data.cache import resize_square
 from pneumoloc.errors import CheckpointError
 from pneumoloc.io import XrayImage
 from pneumoloc.lungs import restrict_to_lungs
+from pneumoloc.refine import refine_heatmaps
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class BasePredictor:
         tta: Test-time augmentation of the heatmaps.
         threshold_override: Replaces the stored decision threshold when not None.
         lung_mask: Zero the heatmaps outside an estimated lung mask.
+        refine: Heatmap refinement before the lung mask (``"randomwalk"``: image-guided random
+            walk, ``pneumoloc.refine``); None for none.
     """
 
     backend: ClassVar[str] = "torch"
@@ -105,6 +108,7 @@ class BasePredictor:
     batch_size: int = 16
     threshold_override: float | None = None
     lung_mask: bool = False
+    refine: str | None = None
 
     @property
     def image_size(self) -> int:
@@ -130,6 +134,18 @@ class BasePredictor:
     def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
         raise NotImplementedError
+
+    def postprocess(self, images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+        """The heatmap steps every backend shares: refinement, then the lung mask.
+
+        Args:
+            images: uint8 (B, S, S), the network's inputs.
+            heatmaps: float32 (B, S, S) in [0, 1].
+        """
+        heatmaps = refine_heatmaps(self.refine, images, heatmaps)
+        if self.lung_mask:
+            heatmaps = restrict_to_lungs(images, heatmaps)
+        return heatmaps
 
     def predict_arrays(
         self,
@@ -183,6 +199,7 @@ class BasePredictor:
             "cam_method": self.cam_method,
             "tta": self.tta,
             "lung_mask": self.lung_mask,
+            "refine": self.refine,
             "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
             "backend": self.backend,
@@ -221,7 +238,7 @@ class Predictor(BasePredictor):
         meta["checkpoint_path"] = str(path)
         if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
             kwargs["box_config"] = BoxConfig(**meta["box_config"])
-        for key in ("cam_method", "tta", "lung_mask"):
+        for key in ("cam_method", "tta", "lung_mask", "refine"):
             if key not in kwargs and meta.get(key) is not None:
                 kwargs[key] = meta[key]
         return cls(model=model, meta=meta, **kwargs)
@@ -252,9 +269,7 @@ class Predictor(BasePredictor):
         if not probs:
             s = self.image_size
             return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
-        heatmaps = torch.cat(maps).numpy()
-        if self.lung_mask:
-            heatmaps = restrict_to_lungs(tensor[:, 0].numpy(), heatmaps)
+        heatmaps = self.postprocess(tensor[:, 0].cpu().numpy(), torch.cat(maps).numpy())
         return torch.cat(probs).numpy(), heatmaps
 
 

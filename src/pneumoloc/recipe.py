@@ -11,6 +11,7 @@ from typing import Any
 DEFAULT_INFERENCE_RECIPE: dict[str, Any] = {
     "cam_method": "cam",
     "lung_mask": True,
+    "refine": None,
     "tta": False,
     "box_config": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
 }
@@ -18,6 +19,7 @@ DEFAULT_INFERENCE_RECIPE: dict[str, Any] = {
 NOTEBOOK_RECIPE: dict[str, Any] = {
     "cam_method": "cam",
     "lung_mask": False,
+    "refine": None,
     "tta": False,
     "box_config": {"rule": "notebook", "notebook_std": 0.5, "split_midline": False, "max_boxes": 3},
 }
