@@ -337,9 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
-    p.add_argument(
-        "--pool", help="spatial pooling of the CAM: avg, lse, topk or attention (MIL)"
-    )
+    p.add_argument("--pool", help="spatial pooling of the CAM: avg, lse, topk or attention (MIL)")
     p.add_argument("--split-seed", type=int)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--no-augment", action="store_true")

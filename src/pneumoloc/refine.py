@@ -59,7 +59,7 @@ class RandomWalkConfig:
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     if sigma <= 0:
         return x
-    half = max(1, int(round(3 * sigma)))
+    half = max(1, round(3 * sigma))
     t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
@@ -75,7 +75,6 @@ def transition_matrix(images: Tensor, config: RandomWalkConfig) -> Tensor:
     """
     r = config.radius
     k = 2 * r + 1
-    b, _, h, w = images.shape
     guide = _gaussian_blur(images, config.smooth)
     centre = guide.flatten(2)  # (B, 1, N)
     neighbours = F.unfold(guide, k, padding=r)  # (B, K, N), zero-padded
@@ -90,7 +89,7 @@ def random_walk(heatmaps: Tensor, transition: Tensor, steps: int, size: int) -> 
     Each step sets every pixel to the affinity-weighted mean of its neighbours' values, so
     values flow along regions of similar intensity and hardly across edges.
     """
-    k = int(round(transition.shape[1] ** 0.5))
+    k = round(transition.shape[1] ** 0.5)
     r = k // 2
     x = heatmaps
     for _ in range(steps):
