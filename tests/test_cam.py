@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -277,3 +279,69 @@ def test_thin_svd_eigencam_matches_the_library_projection() -> None:
     assert ours.shape == theirs.shape == (2, 5, 6)
     for a, b in zip(ours, theirs, strict=True):  # singular vectors are defined up to sign
         assert min(abs(a - b).max(), abs(a + b).max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["smallcamnet", "resnet18", "efficientnet_b0"])
+def test_stage_layers_are_the_last_three_stages_ending_at_the_feature_map(name: str) -> None:
+    from pneumoloc.cam import cam_layers_of, stage_layers
+
+    model = build_model(name).eval()
+    layers = stage_layers(model)
+    assert len(layers) == 3 and layers[-1] is model.cam_target_layer
+    seen: list[tuple[int, ...]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape))) for m in layers]
+    with torch.no_grad():
+        model(_images(1))
+    for h in hooks:
+        h.remove()
+    # Three distinct layers, the earliest strictly finer than the final map.
+    assert len(seen) == 3 and len({id(m) for m in layers}) == 3
+    assert seen[0][-1] > seen[-1][-1] and all(s[-1] >= seen[-1][-1] for s in seen)
+    assert cam_layers_of(model, None) is None and cam_layers_of(model, "final") is None
+    with pytest.raises(ConfigError, match="cam_layers"):
+        cam_layers_of(model, "all")
+
+
+def test_multi_stage_layercam_finds_the_planted_opacity() -> None:
+    """LayerCAM fused over three stages of a briefly trained network peaks in the planted square,
+    where an untrained one follows the brighter distractor; output shape, range and device are
+    the single-layer method's."""
+    from conftest import planted_square_batch, planted_square_hits, train_on_planted_squares
+    from pneumoloc.augment import normalise
+    from pneumoloc.cam import stage_layers
+
+    def hits(steps: int) -> int:
+        torch.manual_seed(1)
+        model = train_on_planted_squares(build_model("smallcamnet"), steps)
+        images, _, corners = planted_square_batch(torch.Generator().manual_seed(2), 16)
+        probs, maps = compute_cam(
+            model, normalise(images), method="layercam", target_layers=stage_layers(model)
+        )
+        assert probs.shape == (16,) and maps.shape == (16, 32, 32)
+        assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
+        return planted_square_hits(maps, corners)
+
+    assert hits(0) <= 2
+    assert hits(80) >= 6
+    with pytest.raises(ConfigError, match="target_layers"):  # classic CAM has no layer choice
+        model = build_model("smallcamnet")
+        compute_cam(model, _images(1), method="cam", target_layers=stage_layers(model))
+
+
+def test_predictor_fuses_stages_when_asked(tmp_path: Path) -> None:
+    from conftest import save_untrained_checkpoint
+    from pneumoloc.inference import Predictor
+
+    path = save_untrained_checkpoint(tmp_path / "m.pt", "resnet18", size=SIZE, threshold=0.5)
+    fused = Predictor.from_checkpoint(
+        path, device="cpu", cam_method="layercam", cam_layers="stages"
+    )
+    final = Predictor.from_checkpoint(path, device="cpu", cam_method="layercam")
+    x = (_images(2) * 255).to(torch.uint8)[:, 0].numpy()
+    p1, h1 = fused.heatmaps(x)
+    p2, h2 = final.heatmaps(x)
+    assert h1.shape == h2.shape == (2, SIZE, SIZE)
+    assert abs(p1 - p2).max() < 1e-5 and abs(h1 - h2).max() > 0.05
+    assert fused.describe()["cam_layers"] == "stages"
+    with pytest.raises(ConfigError, match="target_layers"):
+        Predictor.from_checkpoint(path, device="cpu", cam_layers="stages").heatmaps(x)

@@ -118,6 +118,19 @@ def test_onnx_file_describes_itself(exported: tuple) -> None:
     assert predictor.describe()["backend"] == "onnx"
 
 
+def test_onnx_carries_the_refinement_setting(tmp_path: Path) -> None:
+    """A checkpoint's heatmap refinement travels into the ONNX file, and both backends apply it."""
+    ckpt = save_untrained_checkpoint(
+        tmp_path / "m.pt", size=SIZE, threshold=0.5, refine="randomwalk"
+    )
+    path = export_onnx(ckpt, tmp_path / "m.onnx").path
+    onnx_pred = OnnxPredictor.from_onnx(path)
+    torch_pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    assert onnx_pred.refine == torch_pred.refine == "randomwalk"
+    x = images(2)
+    assert np.abs(onnx_pred.heatmaps(x)[1] - torch_pred.heatmaps(x)[1]).max() <= 1e-3
+
+
 def test_torchscript_exporter_also_works(tmp_path: Path) -> None:
     ckpt = save_model(tmp_path / "m.pt", "smallcamnet")
     result = export_onnx(ckpt, tmp_path / "m.onnx", dynamo=False)
@@ -158,6 +171,8 @@ def test_onnx_backend_refuses_other_cam_methods(tmp_path: Path) -> None:
         OnnxPredictor.from_onnx(path, cam_method="gradcam")
     with pytest.raises(ConfigError, match="test-time"):
         OnnxPredictor.from_onnx(path, tta=True)
+    with pytest.raises(ConfigError, match="multi-stage"):
+        OnnxPredictor.from_onnx(path, cam_layers="stages")
     with pytest.raises(ValueError, match="uint8"):
         OnnxPredictor.from_onnx(path).heatmaps(images(1).astype(np.float32))
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import planted_square_batch, planted_square_hits, train_on_planted_squares
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.models import (
     LSE_R,
@@ -242,47 +243,16 @@ def test_attention_pooling_is_exact_and_trains_to_find_a_planted_opacity() -> No
     model(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
-    # Planted opacity: a mid-grey square on noise in half the images, and a brighter horizontal
-    # line (a distractor: brighter than the opacity) in every image. Untrained, the CAM peaks on
-    # the line; after a short training the attention-pooled CAM peaks inside the square.
+    # Planted opacity (conftest.planted_square_batch): untrained, the CAM peaks on the brighter
+    # distractor line; after a short training the attention-pooled CAM peaks inside the square.
     def hits_after(steps: int) -> int:
         torch.manual_seed(1)
-        g = torch.Generator().manual_seed(1)
-
-        def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-            images = torch.randint(0, 100, (n, 1, 32, 32), generator=g, dtype=torch.uint8)
-            labels = (torch.arange(n) % 2).float()
-            corners = []
-            for i in range(n):
-                y, x0 = torch.randint(2, 20, (2,), generator=g).tolist()
-                line = (y + 16) % 24
-                images[i, :, line : line + 2, :] = 250
-                corners.append((y, x0))
-                if labels[i]:
-                    images[i, :, y : y + 10, x0 : x0 + 10] = 160
-            return images, labels, corners
-
-        model = build_model("smallcamnet", pool="attention")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(steps):
-            images, labels, _ = batch(16)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                model(normalise(images)), labels
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        images, labels, corners = batch(16)
+        model = train_on_planted_squares(build_model("smallcamnet", pool="attention"), steps)
+        images, _, corners = planted_square_batch(torch.Generator().manual_seed(2), 16)
         model.eval()
         with torch.no_grad():
             _, cam = model.forward_with_cam(normalise(images))
-        up = torch.nn.functional.interpolate(cam[:, None], size=(32, 32), mode="bilinear")
-        hits = 0
-        for i in range(1, 16, 2):
-            yy, xx = divmod(int(up[i].flatten().argmax()), 32)
-            y, x0 = corners[i]
-            hits += int(y - 1 <= yy <= y + 10 and x0 - 1 <= xx <= x0 + 10)
-        return hits
+        return planted_square_hits(cam, corners)
 
     assert hits_after(0) <= 2
     assert hits_after(80) >= 6

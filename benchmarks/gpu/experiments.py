@@ -168,7 +168,7 @@ def _evaluate_model(checkpoint: str, cache_dir: str, part: str) -> dict[str, Any
     rows = cache.split.part(part)
     images = np.asarray(cache.images[rows])
     labels = cache.labels[rows]
-    shapes = [tuple(int(v) for v in s) for s in cache.original_shapes[rows]]
+    shapes = [(int(s[0]), int(s[1])) for s in cache.original_shapes[rows]]
     gts = cache.load_eval_boxes(rows, scale="original")
     out: dict[str, Any] = {}
     maps_cache: dict[tuple[str, bool, bool], tuple[np.ndarray, np.ndarray, float]] = {}

@@ -171,6 +171,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tta=args.tta,
         lung_mask=lung_mask,
         refine=args.refine,
+        cam_layers=args.cam_layers,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,
@@ -392,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "randomwalk"],
         default=None,
         help="heatmap refinement: image-guided random walk (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--cam-layers",
+        choices=["final", "stages"],
+        default=None,
+        help="stages: fuse the CAM of the last three backbone stages (with --cam layercam etc.)",
     )
     p.add_argument(
         "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"

@@ -378,6 +378,7 @@ def evaluate(
     tta: bool = False,
     lung_mask: bool | None = None,
     refine: str | None = None,
+    cam_layers: str | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -402,6 +403,8 @@ def evaluate(
         tta: Test-time augmentation of the heatmaps.
         lung_mask: Restrict heatmaps to the estimated lung fields (None: the checkpoint's).
         refine: Heatmap refinement, "randomwalk" or "none" (None: the checkpoint's).
+        cam_layers: "stages" fuses the last three stages (grad-cam methods; None: the
+            checkpoint's, else the final map).
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the
@@ -425,6 +428,8 @@ def evaluate(
         kwargs["lung_mask"] = lung_mask
     if refine is not None:
         kwargs["refine"] = None if refine == "none" else refine
+    if cam_layers is not None:
+        kwargs["cam_layers"] = cam_layers
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     if cam_method is not None:
@@ -561,6 +566,7 @@ def _provenance(
         "tta": predictor.tta,
         "lung_mask": predictor.lung_mask,
         "refine": predictor.refine,
+        "cam_layers": predictor.cam_layers,
         "box_config": dataclasses.asdict(predictor.box_config),
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None

@@ -290,11 +290,12 @@ def _quiet_exporter_logs() -> Iterator[None]:
 
 
 def _compare(path: Path, graph: Any, size: int) -> tuple[float, float]:
-    """Largest |ONNX Runtime - PyTorch| of probability and heatmap on 3 random images."""
+    """Largest |ONNX Runtime - PyTorch| of probability and heatmap on 3 random images (the
+    networks alone: post-processing such as refinement or the lung mask is switched off)."""
     import torch
 
     images = np.random.default_rng(0).integers(0, 256, (3, 1, size, size), dtype=np.uint8)
-    runner = OnnxPredictor.from_onnx(path, threads=1)
+    runner = OnnxPredictor.from_onnx(path, threads=1, lung_mask=False, refine=None)
     probs, maps = runner.heatmaps(images)
     with torch.inference_mode():
         p_ref, h_ref = graph(torch.from_numpy(images))
@@ -363,6 +364,8 @@ class OnnxPredictor(BasePredictor):
             )
         if self.tta:
             raise ConfigError("the ONNX backend has no test-time augmentation")
+        if self.cam_layers not in (None, "final"):
+            raise ConfigError("the ONNX backend has no multi-stage CAM fusion (--cam-layers)")
 
     @classmethod
     def from_onnx(

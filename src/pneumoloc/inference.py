@@ -98,6 +98,8 @@ class BasePredictor:
         lung_mask: Zero the heatmaps outside an estimated lung mask.
         refine: Heatmap refinement before the lung mask (``"randomwalk"``: image-guided random
             walk, ``pneumoloc.refine``); None for none.
+        cam_layers: ``"stages"`` fuses the CAM method's maps of the last three backbone stages
+            (multi-stage fusion; grad-cam methods only); None or ``"final"``: the final map.
     """
 
     backend: ClassVar[str] = "torch"
@@ -109,6 +111,7 @@ class BasePredictor:
     threshold_override: float | None = None
     lung_mask: bool = False
     refine: str | None = None
+    cam_layers: str | None = None
 
     @property
     def image_size(self) -> int:
@@ -200,6 +203,7 @@ class BasePredictor:
             "tta": self.tta,
             "lung_mask": self.lung_mask,
             "refine": self.refine,
+            "cam_layers": self.cam_layers,
             "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
             "backend": self.backend,
@@ -238,14 +242,14 @@ class Predictor(BasePredictor):
         meta["checkpoint_path"] = str(path)
         if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
             kwargs["box_config"] = BoxConfig(**meta["box_config"])
-        for key in ("cam_method", "tta", "lung_mask", "refine"):
+        for key in ("cam_method", "tta", "lung_mask", "refine", "cam_layers"):
             if key not in kwargs and meta.get(key) is not None:
                 kwargs[key] = meta[key]
         return cls(model=model, meta=meta, **kwargs)
 
     def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
-        from pneumoloc.cam import compute_cam
+        from pneumoloc.cam import cam_layers_of, compute_cam
 
         tensor = (
             torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
@@ -253,6 +257,7 @@ class Predictor(BasePredictor):
         if tensor.ndim == 3:
             tensor = tensor.unsqueeze(1)
         device = next(self.model.parameters()).device
+        layers = cam_layers_of(self.model, self.cam_layers)  # type: ignore[arg-type]
         probs, maps = [], []
         for start in range(0, len(tensor), self.batch_size):
             # uint8 travels to the device (4x less than float32), normalised there.
@@ -261,6 +266,7 @@ class Predictor(BasePredictor):
                 self.model,  # type: ignore[arg-type]
                 x,
                 method=self.cam_method,
+                target_layers=layers,
                 tta=self.tta,
                 normalize=True,
             )

@@ -12,6 +12,7 @@ DEFAULT_INFERENCE_RECIPE: dict[str, Any] = {
     "cam_method": "cam",
     "lung_mask": True,
     "refine": None,
+    "cam_layers": None,
     "tta": False,
     "box_config": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
 }
@@ -20,6 +21,7 @@ NOTEBOOK_RECIPE: dict[str, Any] = {
     "cam_method": "cam",
     "lung_mask": False,
     "refine": None,
+    "cam_layers": None,
     "tta": False,
     "box_config": {"rule": "notebook", "notebook_std": 0.5, "split_midline": False, "max_boxes": 3},
 }

@@ -15,11 +15,14 @@ from torch import Tensor, nn
 
 from pneumoloc.cam.classic import classic_cam, eval_mode, prepare_input, upsample_cam
 from pneumoloc.cam.gradcam import (
+    CAM_LAYER_CHOICES,
     LIBRARY_METHODS,
     CamFn,
     SingleLogitAsColumn,
+    cam_layers_of,
     library_cam,
     resolve_target_layers,
+    stage_layers,
 )
 from pneumoloc.cam.tta import DEFAULT_TTA_SCALES, tta_cam
 from pneumoloc.errors import ConfigError
@@ -108,16 +111,19 @@ def compute_cam(
 
 
 __all__ = [
+    "CAM_LAYER_CHOICES",
     "CAM_METHODS",
     "DEFAULT_TTA_SCALES",
     "LIBRARY_METHODS",
     "SingleLogitAsColumn",
+    "cam_layers_of",
     "classic_cam",
     "compute_cam",
     "eval_mode",
     "library_cam",
     "open_cam",
     "resolve_target_layers",
+    "stage_layers",
     "tta_cam",
     "upsample_cam",
 ]

@@ -71,6 +71,48 @@ def resolve_target_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Mod
     return layers
 
 
+CAM_LAYER_CHOICES = ("final", "stages")
+"""``cam_layers`` options: the final feature map, or it fused with the two stages before it."""
+
+
+def stage_layers(model: CamClassifier, count: int = 3) -> list[nn.Module]:
+    """The last ``count`` stages of the backbone, the final feature map last, for multi-stage
+    CAM fusion (LayerCAM, Jiang et al. 2021: shallower stages see finer detail).
+
+    timm backbones name their stages in ``feature_info``; the final stage is replaced by the
+    model's own feature tap (the map the head reads). Plain ``nn.Sequential`` backbones (the
+    notebook network) use their last ReLUs. pytorch-grad-cam scales each layer's map to
+    [0, 1] and averages them.
+
+    Raises:
+        ConfigError: The backbone has fewer than ``count`` identifiable stages.
+    """
+    backbone = model.backbone
+    info = getattr(backbone, "feature_info", None)
+    if info is not None:
+        names = [f["module"] for f in info]
+        earlier = [backbone.get_submodule(n) for n in names[:-1]][-(count - 1) :]
+    else:
+        earlier = [m for m in backbone.modules() if isinstance(m, nn.ReLU)][:-1][-(count - 1) :]
+    layers = [*earlier, model.cam_target_layer]
+    if len(layers) < count:
+        raise ConfigError(f"the backbone has fewer than {count} stages to fuse")
+    return layers
+
+
+def cam_layers_of(model: CamClassifier, choice: str | None) -> list[nn.Module] | None:
+    """Target layers for a ``cam_layers`` choice (None or "final": the method's default).
+
+    Raises:
+        ConfigError: Unknown choice.
+    """
+    if choice is None or choice == "final":
+        return None
+    if choice == "stages":
+        return stage_layers(model)
+    raise ConfigError(f"unknown cam_layers {choice!r}; choose one of {list(CAM_LAYER_CHOICES)}")
+
+
 @contextmanager
 def _library_call_guard(model: nn.Module) -> Iterator[None]:
     """Eval mode, frozen parameters with their gradients restored, autograd on."""
