@@ -89,6 +89,7 @@ def stage_layers(model: CamClassifier, count: int = 3) -> list[nn.Module]:
     """
     backbone = model.backbone
     info = getattr(backbone, "feature_info", None)
+    earlier: list[nn.Module]
     if info is not None:
         names = [f["module"] for f in info]
         earlier = [backbone.get_submodule(n) for n in names[:-1]][-(count - 1) :]
