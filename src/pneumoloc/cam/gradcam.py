@@ -94,7 +94,8 @@ def stage_layers(model: CamClassifier, count: int = 3) -> list[nn.Module]:
         names = [f["module"] for f in info]
         earlier = [backbone.get_submodule(n) for n in names[:-1]][-(count - 1) :]
     else:
-        earlier = [m for m in backbone.modules() if isinstance(m, nn.ReLU)][:-1][-(count - 1) :]
+        relus: list[nn.Module] = [m for m in backbone.modules() if isinstance(m, nn.ReLU)]
+        earlier = relus[:-1][-(count - 1) :]
     layers = [*earlier, model.cam_target_layer]
     if len(layers) < count:
         raise ConfigError(f"the backbone has fewer than {count} stages to fuse")
