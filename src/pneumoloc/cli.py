@@ -125,6 +125,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selftrain(args: argparse.Namespace) -> int:
+    from pneumoloc.selftrain import SelfTrainConfig, self_train
+
+    config = SelfTrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_probability=args.min_probability,
+        rounds=args.rounds,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = self_train(args.checkpoint, args.data, args.out, config)
+    print(
+        f"detector trained on {result.n_pseudo_positive} pseudo-boxed and {result.n_negative} "
+        f"background training images in {result.seconds:.0f} s (no ground-truth box used)"
+    )
+    print(f"checkpoint (classifier + detector): {result.checkpoint}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pneumoloc.demo import run_demo
 
@@ -351,6 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run (its last.pt, or a given checkpoint)",
     )
     p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser(
+        "selftrain",
+        help="train a box detector on the classifier's own CAM boxes (no ground-truth boxes)",
+    )
+    p.add_argument("checkpoint", help="a trained classifier checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="the cache folder it was trained on")
+    p.add_argument(
+        "--out", type=Path, required=True, help="checkpoint to write (classifier + detector)"
+    )
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--min-probability",
+        type=float,
+        default=0.5,
+        help="labelled-positive training images below this probability give no pseudo-boxes",
+    )
+    p.add_argument("--rounds", type=int, choices=[1, 2], default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(handler=_cmd_selftrain)
 
     p = sub.add_parser(
         "demo", help="the main job on an embedded default: synthetic data end to end"

@@ -159,16 +159,12 @@ class BasePredictor:
         if len(images) != len(original_shapes):
             raise ValueError("images and original_shapes differ in length")
         probs, maps = self.heatmaps(images)
+        shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
+        all_boxes = self.draw_boxes(images, probs, maps, shapes)
         out = []
         for i, (p, h) in enumerate(zip(probs, maps, strict=True)):
-            shape = (int(original_shapes[i][0]), int(original_shapes[i][1]))
-            boxes = cam_to_boxes(
-                h,
-                float(p),
-                threshold=self.threshold,
-                config=self.box_config,
-                out_shape=shape,
-            )
+            shape = shapes[i]
+            boxes = all_boxes[i]
             out.append(
                 Prediction(
                     probability=float(p),
@@ -180,6 +176,21 @@ class BasePredictor:
                 )
             )
         return out
+
+    def draw_boxes(
+        self,
+        images: np.ndarray,
+        probs: np.ndarray,
+        maps: np.ndarray,
+        shapes: Sequence[tuple[int, int]],
+    ) -> list[ScoredBoxes]:
+        """Boxes in original pixels for each image: the box rule on the heatmaps."""
+        return [
+            cam_to_boxes(
+                h, float(p), threshold=self.threshold, config=self.box_config, out_shape=shape
+            )
+            for p, h, shape in zip(probs, maps, shapes, strict=True)
+        ]
 
     def predict_xrays(self, xrays: Sequence[XrayImage]) -> list[Prediction]:
         """Predict decoded X-rays of any size (resized exactly as the cache does)."""
@@ -204,6 +215,7 @@ class BasePredictor:
             "lung_mask": self.lung_mask,
             "refine": self.refine,
             "cam_layers": self.cam_layers,
+            "box_source": "detector" if getattr(self, "detector", None) is not None else "cam",
             "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
             "backend": self.backend,
@@ -221,13 +233,23 @@ class Predictor(BasePredictor):
         box_config: The heatmap -> boxes rule.
         tta: Test-time augmentation of the heatmaps.
         batch_size: Images per forward pass.
+        detector: A self-trained box detector (``pneumoloc.selftrain``); when set it draws the
+            boxes of positive images instead of the box rule (the CAM boxes remain the
+            fallback). Loaded from the checkpoint's ``"detector"`` entry; pass
+            ``use_detector=False`` to ``from_checkpoint`` to ignore it.
     """
 
     model: torch.nn.Module
+    detector: torch.nn.Module | None = None
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | Path | None = None, *, device: str = "auto", **kwargs: Any
+        cls,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str = "auto",
+        use_detector: bool = True,
+        **kwargs: Any,
     ) -> Predictor:
         """Load a checkpoint (None or "default": the shipped model).
 
@@ -240,12 +262,49 @@ class Predictor(BasePredictor):
         payload = load_checkpoint(path, map_location=device)
         model, meta = model_from_checkpoint(payload, device=device)
         meta["checkpoint_path"] = str(path)
+        entry = meta.pop("detector", None)
+        if isinstance(entry, dict):
+            meta["detector"] = {k: v for k, v in entry.items() if k != "state_dict"}
+            if use_detector and "detector" not in kwargs:
+                from pneumoloc.selftrain import load_detector
+
+                kwargs["detector"] = load_detector(entry, device)
         if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
             kwargs["box_config"] = BoxConfig(**meta["box_config"])
         for key in ("cam_method", "tta", "lung_mask", "refine", "cam_layers"):
             if key not in kwargs and meta.get(key) is not None:
                 kwargs[key] = meta[key]
         return cls(model=model, meta=meta, **kwargs)
+
+    def draw_boxes(
+        self,
+        images: np.ndarray,
+        probs: np.ndarray,
+        maps: np.ndarray,
+        shapes: Sequence[tuple[int, int]],
+    ) -> list[ScoredBoxes]:
+        """The box rule's boxes, or the self-trained detector's when there is one."""
+        cam_boxes = super().draw_boxes(images, probs, maps, shapes)
+        if self.detector is None:
+            return cam_boxes
+        from pneumoloc.selftrain import detect, detector_boxes
+
+        entry = self.meta.get("detector", {}).get("config", {})
+        detections = detect(
+            self.detector,
+            np.asarray(images),
+            min_score=float(entry.get("min_score", 0.05)),
+            max_boxes=int(entry.get("max_boxes", 2)),
+            batch_size=self.batch_size,
+        )
+        return detector_boxes(
+            detections,
+            probs,
+            threshold=self.threshold,
+            input_size=self.image_size,
+            out_shapes=shapes,
+            fallback=cam_boxes,
+        )
 
     def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""

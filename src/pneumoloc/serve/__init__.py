@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from pneumoloc.serve.app import (
     LIMITS_TEXT,
@@ -66,7 +67,7 @@ def run_server(
         token=resolve_token(token),
         max_upload_bytes=max(1, int(max_upload_mb * 1024 * 1024)),
     )
-    kwargs = {"cam_method": cam_method} if cam_method else {}
+    kwargs: dict[str, Any] = {"cam_method": cam_method} if cam_method else {}
     predictor = Predictor.from_checkpoint(model, device=device, **kwargs)
     app = create_app(predictor, settings)
     shown = f"[{host}]" if ":" in host else host

@@ -1,0 +1,473 @@
+"""Self-training: a box detector learnt from the classifier's own CAM boxes (pseudo-boxes).
+
+No ground-truth box is used. The trained classifier draws boxes on the TRAINING images with its
+inference recipe (CAM, lung mask, box rule); the images whose image-level label is positive
+and whose probability is confident keep them as pseudo-boxes, labelled-negative images are
+background-only examples, and a detector (torchvision's FCOS, a well-kept implementation of a
+one-stage anchor-free detector) is trained on them. The detector sees whole images at once, so
+it learns what an opacity box looks like across the data set rather than per image, which is
+where CAM boxes are weakest (their extent). It can be iterated: round 2 trains on the boxes
+of round 1.
+
+At inference the classifier still decides positive/negative; the detector only draws the
+boxes of positive images (falling back to the CAM boxes when it finds none). Both travel in
+one checkpoint (the classifier's, plus a ``"detector"`` entry).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pneumoloc.boxes import ScoredBoxes
+from pneumoloc.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+DETECTOR_KIND = "fcos-resnet18-fpn"
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    """Settings of self-training.
+
+    Attributes:
+        epochs: Detector training epochs per round.
+        batch_size: Images per step.
+        lr: AdamW learning rate (cosine decay, no warm-up).
+        min_probability: A labelled-positive training image gives pseudo-boxes only if the
+            classifier's probability is at least this (and its decision threshold): confident
+            CAMs only.
+        negatives_per_positive: Labelled-negative images (no boxes) used per pseudo-boxed one.
+        rounds: 1, or 2 to retrain on the first detector's boxes.
+        min_score: Detector boxes below this score are dropped at inference.
+        max_boxes: At most this many boxes per image.
+        fpn_channels: Width of the feature pyramid (128 keeps it CPU-friendly).
+        init_from_classifier: Start the detector's resnet18 from the classifier's backbone
+            weights when the classifier is a resnet18 (the names match), else from scratch.
+        seed: Seed of the detector's initialisation and data order.
+        device: "auto", "cpu" or "cuda".
+    """
+
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 5e-4
+    min_probability: float = 0.5
+    negatives_per_positive: float = 1.0
+    rounds: int = 1
+    min_score: float = 0.05
+    max_boxes: int = 2
+    fpn_channels: int = 128
+    init_from_classifier: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ConfigError for settings that cannot work."""
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.min_probability <= 1, "min_probability must be in [0, 1]"),
+            (self.negatives_per_positive >= 0, "negatives_per_positive must be >= 0"),
+            (self.rounds in (1, 2), "rounds must be 1 or 2"),
+            (self.max_boxes >= 1, "max_boxes must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"self-training: {message}")
+
+
+def build_detector(image_size: int, fpn_channels: int = 128) -> nn.Module:
+    """FCOS on a resnet18 feature pyramid (strides 8-128), for grey images of one size.
+
+    Grey images are repeated to three channels inside torchvision's transform-free path
+    (``min_size = max_size = image_size``: no resizing, boxes stay in input pixels).
+    """
+    from torchvision.models import resnet18
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    body = resnet18(weights=None)
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128, 256, 512],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+    )
+    return FCOS(
+        backbone,
+        num_classes=2,
+        min_size=image_size,
+        max_size=image_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+        score_thresh=0.01,
+        detections_per_img=20,
+    )
+
+
+def init_detector_from_classifier(detector: nn.Module, classifier: nn.Module) -> int:
+    """Copy a resnet18 classifier's backbone weights into the detector's; returns how many
+    tensors were copied (0 when the architectures do not match). The classifier's 1-channel
+    stem becomes a 3-channel one (weights / 3, the input is grey repeated)."""
+    source: Any = getattr(classifier, "backbone", None)
+    if source is None:
+        return 0
+    target: Any = getattr(detector.backbone, "body")  # noqa: B009 (an nn.Module attribute)
+    own = target.state_dict()
+    copied = 0
+    new = {}
+    for key, value in source.state_dict().items():
+        if key not in own:
+            continue
+        if key == "conv1.weight" and value.shape[1] == 1 and own[key].shape[1] == 3:
+            value = value.repeat(1, 3, 1, 1) / 3
+        if own[key].shape != value.shape:
+            continue
+        new[key] = value
+        copied += 1
+    if copied < len(own) // 2:  # not a resnet18: keep the random initialisation
+        return 0
+    target.load_state_dict(new, strict=False)
+    return copied
+
+
+def _as_rgb(images: Tensor) -> list[Tensor]:
+    """uint8 (B, S, S) -> list of float (3, S, S) in [0, 1] (FCOS normalises them)."""
+    x = images.float().div(255.0)
+    return [img[None].expand(3, -1, -1) for img in x]
+
+
+def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    out = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    out[:, 2] += out[:, 0]
+    out[:, 3] += out[:, 1]
+    return out
+
+
+@dataclass
+class PseudoLabels:
+    """Training targets made from the classifier, in input pixels (xyxy).
+
+    Attributes:
+        rows: Indices into the image array, positives (with boxes) first.
+        boxes: One (N_i, 4) float32 xyxy array per row (empty for negatives).
+        n_positive: Rows with pseudo-boxes.
+    """
+
+    rows: np.ndarray
+    boxes: list[np.ndarray]
+    n_positive: int
+
+
+def make_pseudo_labels(
+    images: np.ndarray,
+    labels: np.ndarray,
+    draw_boxes: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]],
+    *,
+    threshold: float,
+    config: SelfTrainConfig,
+) -> PseudoLabels:
+    """Pseudo-boxes for labelled-positive confident images, background for negatives.
+
+    Args:
+        images: uint8 (N, S, S) training images.
+        labels: Image-level labels (N,) (these are training labels; no box is read).
+        draw_boxes: images -> (probabilities, boxes in input pixels) for a batch.
+        threshold: The classifier's decision threshold.
+        config: Self-training settings.
+    """
+    probs, drawn = draw_boxes(images)
+    keep_prob = max(threshold, config.min_probability)
+    positives = [
+        i
+        for i in range(len(images))
+        if labels[i] == 1 and probs[i] >= keep_prob and len(drawn[i]) > 0
+    ]
+    negatives = np.flatnonzero(labels == 0)
+    rng = np.random.default_rng(config.seed)
+    n_neg = min(len(negatives), math.ceil(config.negatives_per_positive * len(positives)))
+    chosen_neg = rng.choice(negatives, size=n_neg, replace=False) if n_neg else np.zeros(0, int)
+    boxes = [_xywh_to_xyxy(drawn[i].boxes) for i in positives]
+    boxes += [np.zeros((0, 4), np.float32) for _ in chosen_neg]
+    rows = np.concatenate([np.asarray(positives, int), chosen_neg.astype(int)])
+    return PseudoLabels(rows=rows, boxes=boxes, n_positive=len(positives))
+
+
+def train_detector(
+    detector: nn.Module,
+    images: np.ndarray,
+    pseudo: PseudoLabels,
+    config: SelfTrainConfig,
+    *,
+    device: torch.device,
+) -> list[float]:
+    """Train the detector on pseudo-labels; returns the mean loss of each epoch.
+
+    Images get a random horizontal flip (pneumonia appears in either lung; the boxes follow).
+    """
+    if pseudo.n_positive == 0:
+        raise DataError(
+            "self-training: no confident positive training image gave a CAM box "
+            f"(probability >= {config.min_probability}); nothing to learn boxes from"
+        )
+    detector.to(device).train()
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(pseudo.rows) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    size = images.shape[-1]
+    history = []
+    for _ in range(config.epochs):
+        order = torch.randperm(len(pseudo.rows), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            batch = torch.as_tensor(images[pseudo.rows[idx]]).to(device)
+            flips = torch.rand(len(idx), generator=generator) < 0.5
+            targets = []
+            for j, k in enumerate(idx):
+                boxes = torch.as_tensor(pseudo.boxes[k], dtype=torch.float32).reshape(-1, 4)
+                if flips[j]:
+                    boxes = torch.stack(
+                        [size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1
+                    )
+                targets.append(
+                    {
+                        "boxes": boxes.to(device),
+                        "labels": torch.ones(len(boxes), dtype=torch.int64, device=device),
+                    }
+                )
+            batch = torch.where(flips.to(device)[:, None, None], batch.flip(-1), batch)
+            loss_dict = detector(_as_rgb(batch), targets)
+            loss = sum(loss_dict.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            torch.nn.utils.clip_grad_norm_(detector.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))  # type: ignore[union-attr]
+        history.append(float(np.mean(losses)))
+        logger.info("self-training epoch %d: loss %.4f", len(history), history[-1])
+    detector.eval()
+    return history
+
+
+@torch.no_grad()
+def detect(
+    detector: nn.Module,
+    images: np.ndarray | Tensor,
+    *,
+    min_score: float,
+    max_boxes: int,
+    batch_size: int = 16,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Boxes (xyxy, input pixels) and scores per image, best first, at most ``max_boxes``."""
+    device = next(detector.parameters()).device
+    tensor = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+    detector.eval()
+    out = []
+    for start in range(0, len(tensor), batch_size):
+        batch = tensor[start : start + batch_size].to(device)
+        for det in detector(_as_rgb(batch)):
+            keep = det["scores"] >= min_score
+            boxes = det["boxes"][keep][:max_boxes].cpu().numpy().astype(np.float32)
+            scores = det["scores"][keep][:max_boxes].cpu().numpy().astype(np.float32)
+            out.append((boxes, scores))
+    return out
+
+
+def detector_boxes(
+    detections: Sequence[tuple[np.ndarray, np.ndarray]],
+    probabilities: np.ndarray,
+    *,
+    threshold: float,
+    input_size: int,
+    out_shapes: Sequence[tuple[int, int]],
+    fallback: Sequence[ScoredBoxes] | None = None,
+) -> list[ScoredBoxes]:
+    """Final boxes: detector boxes of classifier-positive images, scaled to original pixels.
+
+    Confidence = classifier probability x detector score, so boxes rank across images by both.
+    Negative images get none; a positive image without detections gets ``fallback`` (the CAM
+    boxes) when given.
+    """
+    result = []
+    for i, (boxes, scores) in enumerate(detections):
+        if probabilities[i] < threshold:
+            result.append(ScoredBoxes())
+            continue
+        if len(boxes) == 0:
+            result.append(fallback[i] if fallback is not None else ScoredBoxes())
+            continue
+        h, w = out_shapes[i]
+        sy, sx = h / input_size, w / input_size
+        xywh = np.stack(
+            [
+                boxes[:, 0] * sx,
+                boxes[:, 1] * sy,
+                (boxes[:, 2] - boxes[:, 0]) * sx,
+                (boxes[:, 3] - boxes[:, 1]) * sy,
+            ],
+            axis=1,
+        )
+        result.append(ScoredBoxes(boxes=xywh, scores=scores * float(probabilities[i])))
+    return result
+
+
+@dataclass
+class SelfTrainResult:
+    """What :func:`self_train` did.
+
+    Attributes:
+        checkpoint: The written checkpoint (classifier + detector).
+        n_pseudo_positive: Training images with pseudo-boxes (last round).
+        n_negative: Background-only training images (last round).
+        losses: Mean loss per epoch, per round.
+        seconds: Wall time.
+    """
+
+    checkpoint: Path
+    n_pseudo_positive: int
+    n_negative: int
+    losses: list[list[float]]
+    seconds: float
+
+
+def _detector_drawer(
+    detector: nn.Module,
+    cam_boxes: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]],
+    *,
+    size: int,
+    max_boxes: int,
+) -> Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]]:
+    """images -> (probabilities, boxes in input pixels) from a trained detector (round 2's
+    pseudo-boxes: the detector's boxes scoring >= 0.3, the classifier's probabilities)."""
+
+    def draw(batch: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
+        probs, _ = cam_boxes(batch)
+        dets = detect(detector, batch, min_score=0.3, max_boxes=max_boxes)
+        shapes = [(size, size)] * len(batch)
+        return probs, detector_boxes(dets, probs, threshold=0.0, input_size=size, out_shapes=shapes)
+
+    return draw
+
+
+def self_train(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    config: SelfTrainConfig | None = None,
+) -> SelfTrainResult:
+    """Train a detector on the classifier's pseudo-boxes of the training split; write a
+    checkpoint with both (``out``, a file path).
+
+    Only the training split's images and image-level labels are read; boxes of the data set
+    are never opened.
+
+    Raises:
+        ConfigError: Bad settings. DataError: No pseudo-boxes. CheckpointError, CacheError.
+    """
+    from pneumoloc.checkpoint import load_checkpoint, save_checkpoint
+    from pneumoloc.data.cache import open_cache
+    from pneumoloc.inference import Predictor
+
+    config = config or SelfTrainConfig()
+    config.validate()
+    started = time.perf_counter()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu")
+        if config.device == "auto"
+        else config.device
+    )
+    predictor = Predictor.from_checkpoint(checkpoint, device=str(device))
+    cache = open_cache(data)
+    size = predictor.image_size
+    if cache.images.shape[-1] != size:
+        raise ConfigError(
+            f"{data}: cached at {cache.images.shape[-1]} px, the classifier expects {size} px"
+        )
+    rows = cache.split.part("train")
+    images = np.asarray(cache.images[rows])
+    labels = np.asarray(cache.labels[rows])
+
+    def cam_boxes(batch: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
+        predictions = predictor.predict_arrays(batch, [(size, size)] * len(batch))
+        return np.array([p.probability for p in predictions]), [p.boxes for p in predictions]
+
+    torch.manual_seed(config.seed)
+    detector = build_detector(size, config.fpn_channels)
+    copied = (
+        init_detector_from_classifier(detector, predictor.model)
+        if config.init_from_classifier
+        else 0
+    )
+    draw: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]] = cam_boxes
+    losses = []
+    pseudo = None
+    for round_ in range(config.rounds):
+        pseudo = make_pseudo_labels(
+            images, labels, draw, threshold=predictor.threshold, config=config
+        )
+        logger.info(
+            "round %d: %d pseudo-boxed positives, %d negatives",
+            round_ + 1,
+            pseudo.n_positive,
+            len(pseudo.rows) - pseudo.n_positive,
+        )
+        losses.append(train_detector(detector, images, pseudo, config, device=device))
+        draw = _detector_drawer(detector, cam_boxes, size=size, max_boxes=config.max_boxes)
+    assert pseudo is not None
+    payload = load_checkpoint(checkpoint)
+    payload["detector"] = {
+        "kind": DETECTOR_KIND,
+        "image_size": size,
+        "fpn_channels": config.fpn_channels,
+        "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+        "config": asdict(config),
+        "n_pseudo_positive": pseudo.n_positive,
+        "initialised_from_classifier": copied > 0,
+        "note": "trained on CAM pseudo-boxes of the training split; no ground-truth box used",
+    }
+    out_path = Path(out)
+    save_checkpoint(out_path, payload)
+    return SelfTrainResult(
+        checkpoint=out_path,
+        n_pseudo_positive=pseudo.n_positive,
+        n_negative=len(pseudo.rows) - pseudo.n_positive,
+        losses=losses,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def load_detector(entry: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the detector stored in a checkpoint's ``"detector"`` entry (eval mode).
+
+    Raises:
+        CheckpointError: Unknown kind or weights that do not fit.
+    """
+    from pneumoloc.errors import CheckpointError
+
+    if entry.get("kind") != DETECTOR_KIND:
+        raise CheckpointError(f"unknown detector kind {entry.get('kind')!r}")
+    detector = build_detector(int(entry["image_size"]), int(entry.get("fpn_channels", 128)))
+    try:
+        detector.load_state_dict(entry["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"detector weights do not fit: {str(exc).splitlines()[0]}") from None
+    return detector.to(device).eval()

@@ -1,0 +1,191 @@
+"""Self-training: a detector learnt from pseudo-boxes finds planted opacities; no truth box used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoloc.boxes import ScoredBoxes
+from pneumoloc.errors import ConfigError, DataError
+from pneumoloc.metrics.localisation import iou_matrix
+from pneumoloc.models import build_model
+from pneumoloc.selftrain import (
+    SelfTrainConfig,
+    build_detector,
+    detect,
+    detector_boxes,
+    init_detector_from_classifier,
+    make_pseudo_labels,
+    train_detector,
+)
+
+S = 64
+
+
+def opacity_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 (n, S, S) noise; odd images carry a mid-grey square (xyxy truth), all images a
+    brighter horizontal line (a distractor)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 90, (n, S, S), dtype=np.uint8)
+    labels = np.arange(n) % 2
+    truth = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        side = int(rng.integers(16, 26))
+        y, x = rng.integers(2, S - side - 2, 2)
+        line = (y + S // 2) % (S - 4)
+        images[i, line : line + 2] = 250
+        if labels[i]:
+            images[i, y : y + side, x : x + side] = 170
+            truth[i] = (x, y, x + side, y + side)
+    return images, labels, truth
+
+
+def test_detector_learns_planted_opacities_from_noisy_pseudo_boxes() -> None:
+    """Pseudo-boxes are the truth with every edge moved at random by up to a fifth of the side
+    (CAM boxes are that noisy); the detector, fitting all images at once, averages the noise
+    out and finds the squares of new images (IoU > 0.5), which an untrained one does not.
+    (A bias shared by all pseudo-boxes, e.g. all too small, is learnt too: only noise averages.)"""
+    images, labels, truth = opacity_images(48, seed=0)
+    rng = np.random.default_rng(1)
+
+    def cam_like(batch: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
+        out = []
+        for i in range(len(batch)):
+            if not labels[i]:
+                out.append(ScoredBoxes())
+                continue
+            x0, y0, x1, y1 = truth[i] + rng.uniform(-0.2, 0.2, 4) * (truth[i][2] - truth[i][0])
+            box = np.array([[x0, y0, x1 - x0, y1 - y0]])
+            out.append(ScoredBoxes(boxes=box, scores=np.ones(1)))
+        return np.where(labels == 1, 0.9, 0.1), out
+
+    config = SelfTrainConfig(epochs=14, batch_size=8, lr=2e-3, fpn_channels=64, seed=0)
+    pseudo = make_pseudo_labels(images, labels, cam_like, threshold=0.5, config=config)
+    assert pseudo.n_positive == 24 and len(pseudo.rows) == 48
+    torch.manual_seed(0)
+    detector = build_detector(S, fpn_channels=64)
+    losses = train_detector(detector, images, pseudo, config, device=torch.device("cpu"))
+    assert losses[-1] < 0.7 * losses[0]
+
+    test_images, test_labels, test_truth = opacity_images(16, seed=5)
+    found = detect(detector, test_images, min_score=0.05, max_boxes=1)
+    ious = [
+        float(iou_matrix(boxes[:1], test_truth[i : i + 1]).max()) if len(boxes) else 0.0
+        for i, (boxes, _) in enumerate(found)
+        if test_labels[i]
+    ]
+    assert np.mean(np.array(ious) > 0.5) >= 0.75, ious
+    # Untrained, it finds nothing of the kind.
+    torch.manual_seed(0)
+    untrained = detect(build_detector(S, 64), test_images, min_score=0.05, max_boxes=1)
+    raw = [
+        float(iou_matrix(b[:1], test_truth[i : i + 1]).max()) if len(b) else 0.0
+        for i, (b, _) in enumerate(untrained)
+        if test_labels[i]
+    ]
+    assert np.mean(np.array(raw) > 0.5) < 0.5
+
+
+def test_pseudo_labels_keep_confident_labelled_positives_only() -> None:
+    images = np.zeros((6, S, S), np.uint8)
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    box = ScoredBoxes(boxes=np.array([[4.0, 5.0, 10.0, 12.0]]), scores=np.ones(1))
+
+    def draw(_: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
+        # image 1 is not confident, image 2 has no CAM box, image 3 is negative with a box.
+        return np.array([0.9, 0.3, 0.9, 0.9, 0.1, 0.1]), [box, box, ScoredBoxes(), box, box, box]
+
+    pseudo = make_pseudo_labels(
+        images, labels, draw, threshold=0.2, config=SelfTrainConfig(min_probability=0.5)
+    )
+    assert pseudo.n_positive == 1 and pseudo.rows[0] == 0
+    np.testing.assert_allclose(pseudo.boxes[0], [[4, 5, 14, 17]])  # xywh -> xyxy
+    assert set(pseudo.rows[1:]) <= {3, 4, 5} and len(pseudo.rows) == 2
+    assert all(len(b) == 0 for b in pseudo.boxes[1:])
+    with pytest.raises(DataError, match="no confident positive"):
+        empty = make_pseudo_labels(
+            images, np.zeros(6, int), draw, threshold=0.2, config=SelfTrainConfig()
+        )
+        train_detector(build_detector(S, 32), images, empty, SelfTrainConfig(), device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="rounds"):
+        SelfTrainConfig(rounds=3).validate()
+
+
+def test_detector_boxes_are_gated_scaled_and_fall_back() -> None:
+    dets = [
+        (np.array([[8.0, 16.0, 24.0, 48.0]], np.float32), np.array([0.5], np.float32)),
+        (np.zeros((0, 4), np.float32), np.zeros(0, np.float32)),
+        (np.array([[0.0, 0.0, 8.0, 8.0]], np.float32), np.array([0.9], np.float32)),
+    ]
+    fallback = [ScoredBoxes(), ScoredBoxes(np.array([[1.0, 2, 3, 4]]), np.array([0.7])), None]
+    out = detector_boxes(
+        dets,
+        np.array([0.8, 0.9, 0.1]),
+        threshold=0.5,
+        input_size=64,
+        out_shapes=[(128, 256), (64, 64), (64, 64)],
+        fallback=fallback,  # type: ignore[arg-type]
+    )
+    np.testing.assert_allclose(out[0].boxes, [[32, 32, 64, 64]])  # x*4, y*2
+    assert out[0].scores[0] == pytest.approx(0.4)  # probability x detector score
+    assert out[1] is fallback[1]  # positive, no detection: the CAM boxes
+    assert len(out[2]) == 0  # negative image: no boxes
+
+
+def test_detector_starts_from_a_resnet18_classifier() -> None:
+    detector = build_detector(S, 32)
+    classifier = build_model("resnet18")
+    assert init_detector_from_classifier(detector, classifier) > 50
+    body = detector.backbone.body  # type: ignore[union-attr]
+    torch.testing.assert_close(
+        body.layer3[0].conv1.weight, classifier.backbone.layer3[0].conv1.weight
+    )
+    torch.testing.assert_close(
+        body.conv1.weight.sum(dim=1, keepdim=True), classifier.backbone.conv1.weight
+    )
+    assert init_detector_from_classifier(build_detector(S, 32), build_model("smallcamnet")) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_detect_on_cuda() -> None:
+    detector = build_detector(S, 32).cuda()
+    images, _, _ = opacity_images(3, seed=0)
+    out = detect(detector, torch.from_numpy(images).cuda(), min_score=0.0, max_boxes=2)
+    assert len(out) == 3 and all(b.shape[1] == 4 and len(b) <= 2 for b, _ in out)
+
+
+def test_selftrain_end_to_end_never_reads_boxes(synth_rsna: Path, tmp_path: Path) -> None:
+    """CLI: classifier -> selftrain -> a checkpoint whose Predictor draws detector boxes.
+
+    The data set's box file is destroyed first: self-training must not need it."""
+    import shutil
+
+    from pneumoloc.cli import main
+    from pneumoloc.data.cache import prepare_cache
+    from pneumoloc.inference import Predictor
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_rsna, data)
+    cache = prepare_cache(data, tmp_path / "cache", size=64, workers=1, progress=False).root
+    for f in list(cache.glob("*box*")):
+        f.write_text("not boxes")
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(cache), "--out", str(run), "--model", "smallcamnet"]
+    argv += ["--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    out = tmp_path / "selftrained.pt"
+    argv = ["selftrain", str(run / "best.pt"), "--data", str(cache), "--out", str(out)]
+    argv += ["--epochs", "1", "--min-probability", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    predictor = Predictor.from_checkpoint(out, device="cpu", threshold_override=0.0)
+    assert predictor.detector is not None
+    assert predictor.describe()["box_source"] == "detector"
+    assert "state_dict" not in predictor.meta["detector"]
+    images = np.zeros((2, 64, 64), np.uint8)
+    preds = predictor.predict_arrays(images, [(128, 128)] * 2)
+    assert len(preds) == 2 and all(p.positive for p in preds)
+    plain = Predictor.from_checkpoint(out, device="cpu", use_detector=False)
+    assert plain.detector is None and plain.describe()["box_source"] == "cam"
