@@ -178,9 +178,11 @@ def test_selftrain_end_to_end_never_reads_boxes(synth_rsna: Path, tmp_path: Path
     assert main(argv) == 0
     out = tmp_path / "selftrained.pt"
     argv = ["selftrain", str(run / "best.pt"), "--data", str(cache), "--out", str(out)]
-    argv += ["--epochs", "1", "--min-probability", "0", "--device", "cpu"]
+    argv += ["--epochs", "1", "--min-probability", "0", "--device", "cpu", "--rounds", "2"]
     assert main(argv) == 0
+    assert (tmp_path / "selftrained.round1.pt").is_file()  # round 1 kept beside round 2
     predictor = Predictor.from_checkpoint(out, device="cpu", threshold_override=0.0)
+    assert predictor.meta["detector"]["config"]["rounds"] == 2
     assert predictor.detector is not None
     assert predictor.describe()["box_source"] == "detector"
     assert "state_dict" not in predictor.meta["detector"]

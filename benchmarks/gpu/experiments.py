@@ -97,7 +97,33 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
         "cam": "gradcam++",
         "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
     },
+    # Refinement: image-guided random walk (pneumoloc.refine), then the lung mask.
+    "lung_rw_peak0.5_split2": {
+        "lung": True,
+        "refine": "randomwalk",
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+    # Multi-stage fusion: LayerCAM over the last three stages, then the lung mask.
+    "layercam_stages_lung_peak0.5_split2": {
+        "cam": "layercam",
+        "cam_layers": "stages",
+        "lung": True,
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+    # Self-training: FCOS trained on the lung_peak0.5_split2 boxes of the TRAINING images
+    # (pneumoloc.selftrain); its boxes replace the rule's (the CAM boxes are the fallback).
+    "selftrain_r1": {
+        "lung": True,
+        "detector": 1,
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
+    "selftrain_r2": {
+        "lung": True,
+        "detector": 2,
+        "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
+    },
 }
+SELFTRAIN_EPOCHS = 12
 
 
 def _train_job(args: tuple[str, int, str, int, str, dict[str, Any]]) -> dict[str, Any]:
@@ -156,9 +182,15 @@ def _trained_from_disk(variant: str, seed: int, runs: Path) -> dict[str, Any]:
     }
 
 
-def _evaluate_model(checkpoint: str, cache_dir: str, part: str) -> dict[str, Any]:
-    """Every inference variant of one checkpoint on one split part: heatmaps once per CAM mode."""
-    from pneumoloc.boxes import BoxConfig, cam_to_boxes_batch
+def _evaluate_model(
+    checkpoint: str, cache_dir: str, part: str, detectors: dict[int, str] | None = None
+) -> dict[str, Any]:
+    """Every inference variant of one checkpoint on one split part: heatmaps once per CAM mode.
+
+    ``detectors`` maps a self-training round to the checkpoint (classifier + detector) that
+    ``pneumoloc.selftrain`` wrote; variants with a "detector" key need it.
+    """
+    from pneumoloc.boxes import BoxConfig
     from pneumoloc.data.cache import open_cache
     from pneumoloc.inference import Predictor
     from pneumoloc.metrics.classification import classification_metrics
@@ -171,20 +203,37 @@ def _evaluate_model(checkpoint: str, cache_dir: str, part: str) -> dict[str, Any
     shapes = [(int(s[0]), int(s[1])) for s in cache.original_shapes[rows]]
     gts = cache.load_eval_boxes(rows, scale="original")
     out: dict[str, Any] = {}
-    maps_cache: dict[tuple[str, bool, bool], tuple[np.ndarray, np.ndarray, float]] = {}
+    maps_cache: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
     for name, spec in INFER_VARIANTS.items():
-        key = (spec.get("cam", "cam"), bool(spec.get("tta")), bool(spec.get("lung")))
-        if key not in maps_cache:
-            predictor = Predictor.from_checkpoint(
-                checkpoint, cam_method=key[0], tta=key[1], lung_mask=key[2], batch_size=32
-            )
-            probs, maps = predictor.heatmaps(images)
-            maps_cache[key] = (probs, maps, predictor.threshold)
-        probs, maps, threshold = maps_cache[key]
-        config = BoxConfig(**spec["box"])
-        boxes = cam_to_boxes_batch(
-            maps, probs, threshold=threshold, config=config, out_shapes=shapes
+        detector_round = spec.get("detector")
+        if detector_round and not (detectors or {}).get(detector_round):
+            continue
+        key = (
+            spec.get("cam", "cam"),
+            bool(spec.get("tta")),
+            bool(spec.get("lung")),
+            spec.get("refine"),
+            spec.get("cam_layers"),
         )
+        settings = {
+            "cam_method": key[0],
+            "tta": key[1],
+            "lung_mask": key[2],
+            "refine": key[3],
+            "cam_layers": key[4],
+            "box_config": BoxConfig(**spec["box"]),
+            "batch_size": 32,
+        }
+        predictor = Predictor.from_checkpoint(
+            (detectors or {})[detector_round] if detector_round else checkpoint,
+            use_detector=bool(detector_round),
+            **settings,
+        )
+        if key not in maps_cache:
+            maps_cache[key] = predictor.heatmaps(images)
+        probs, maps = maps_cache[key]
+        threshold = predictor.threshold
+        boxes = predictor.draw_boxes(images, probs, maps, shapes)
         # Heatmap metrics (pointing game, MaxBoxAcc) on images with truth.
         loc = localisation_metrics(
             [b.boxes for b in boxes],
@@ -194,9 +243,8 @@ def _evaluate_model(checkpoint: str, cache_dir: str, part: str) -> dict[str, Any
             image_shapes=shapes,
         )
         # The same boxes gated by the TRUE label: how far a perfect classifier would get.
-        oracle = cam_to_boxes_batch(
-            maps, labels.astype(np.float64), threshold=0.5, config=config, out_shapes=shapes
-        )
+        predictor.threshold_override = 0.5
+        oracle = predictor.draw_boxes(images, labels.astype(np.float64), maps, shapes)
         loc_oracle = localisation_metrics(
             [b.boxes for b in oracle], [b.scores for b in oracle], None, gts
         )
@@ -215,15 +263,26 @@ def _evaluate_model(checkpoint: str, cache_dir: str, part: str) -> dict[str, Any
     return out
 
 
+def _self_train_job(job: dict[str, Any], cache_dir: str) -> dict[int, str]:
+    """Self-train detectors (rounds 1 and 2) on the checkpoint's training split."""
+    from pneumoloc.selftrain import SelfTrainConfig, self_train
+
+    out = Path(job["checkpoint"]).with_name("selftrain.pt")
+    config = SelfTrainConfig(epochs=SELFTRAIN_EPOCHS, rounds=2, seed=int(job["seed"]))
+    result = self_train(job["checkpoint"], cache_dir, out, config)
+    return {k + 1: str(p) for k, p in enumerate(result.round_checkpoints)}
+
+
 def _eval_job(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
     job, cache_dir = args
     if "error" in job:
         return job
     try:
+        detectors = _self_train_job(job, cache_dir) if job.get("selftrain") else None
         return {
             **job,
-            "test": _evaluate_model(job["checkpoint"], cache_dir, "test"),
-            "val_loc": _evaluate_model(job["checkpoint"], cache_dir, "val"),
+            "test": _evaluate_model(job["checkpoint"], cache_dir, "test", detectors),
+            "val_loc": _evaluate_model(job["checkpoint"], cache_dir, "val", detectors),
         }
     except Exception:
         return {**job, "error": traceback.format_exc()[-2000:]}
@@ -337,6 +396,11 @@ def main() -> None:
         help="train: checkpoints only; eval: evaluate the checkpoints already under --work",
     )
     parser.add_argument("--variants", default="", help="comma list: only these training variants")
+    parser.add_argument(
+        "--selftrain",
+        default="",
+        help="comma list of training variants to self-train detectors for ('all': every one)",
+    )
     args = parser.parse_args()
     if args.profile == "cpu192":
         TRAIN_VARIANTS.clear()
@@ -390,6 +454,9 @@ def main() -> None:
             with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
                 trained = list(pool.map(_train_job, jobs))
         results["train_seconds"] = time.perf_counter() - t0
+        chosen = set(args.selftrain.split(",")) if args.selftrain else set()
+        for job in trained:
+            job["selftrain"] = "all" in chosen or job["variant"] in chosen
         results["trained"] = trained
         save()
         if args.stage == "train":

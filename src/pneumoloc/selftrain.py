@@ -340,6 +340,8 @@ class SelfTrainResult:
         n_negative: Background-only training images (last round).
         losses: Mean loss per epoch, per round.
         seconds: Wall time.
+        round_checkpoints: One checkpoint per round, the last being ``checkpoint`` (earlier
+            rounds are written beside it as ``<stem>.round<k>.pt``).
     """
 
     checkpoint: Path
@@ -347,6 +349,7 @@ class SelfTrainResult:
     n_negative: int
     losses: list[list[float]]
     seconds: float
+    round_checkpoints: list[Path]
 
 
 def _detector_drawer(
@@ -357,13 +360,16 @@ def _detector_drawer(
     max_boxes: int,
 ) -> Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]]:
     """images -> (probabilities, boxes in input pixels) from a trained detector (round 2's
-    pseudo-boxes: the detector's boxes scoring >= 0.3, the classifier's probabilities)."""
+    pseudo-boxes: the detector's boxes scoring >= 0.3, else the CAM boxes; the classifier's
+    probabilities)."""
 
     def draw(batch: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
-        probs, _ = cam_boxes(batch)
+        probs, cam = cam_boxes(batch)
         dets = detect(detector, batch, min_score=0.3, max_boxes=max_boxes)
         shapes = [(size, size)] * len(batch)
-        return probs, detector_boxes(dets, probs, threshold=0.0, input_size=size, out_shapes=shapes)
+        return probs, detector_boxes(
+            dets, probs, threshold=0.0, input_size=size, out_shapes=shapes, fallback=cam
+        )
 
     return draw
 
@@ -375,7 +381,7 @@ def self_train(
     config: SelfTrainConfig | None = None,
 ) -> SelfTrainResult:
     """Train a detector on the classifier's pseudo-boxes of the training split; write a
-    checkpoint with both (``out``, a file path).
+    checkpoint with both (``out``, a file path; with 2 rounds round 1's is kept beside it).
 
     Only the training split's images and image-level labels are read; boxes of the data set
     are never opened.
@@ -418,6 +424,9 @@ def self_train(
         else 0
     )
     draw: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]] = cam_boxes
+    payload = load_checkpoint(checkpoint)
+    out_path = Path(out)
+    written: list[Path] = []
     losses = []
     pseudo = None
     for round_ in range(config.rounds):
@@ -432,26 +441,28 @@ def self_train(
         )
         losses.append(train_detector(detector, images, pseudo, config, device=device))
         draw = _detector_drawer(detector, cam_boxes, size=size, max_boxes=config.max_boxes)
+        last = round_ + 1 == config.rounds
+        path = out_path if last else out_path.with_name(f"{out_path.stem}.round{round_ + 1}.pt")
+        payload["detector"] = {
+            "kind": DETECTOR_KIND,
+            "image_size": size,
+            "fpn_channels": config.fpn_channels,
+            "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+            "config": {**asdict(config), "rounds": round_ + 1},
+            "n_pseudo_positive": pseudo.n_positive,
+            "initialised_from_classifier": copied > 0,
+            "note": "trained on CAM pseudo-boxes of the training split; no ground-truth box used",
+        }
+        save_checkpoint(path, payload)
+        written.append(path)
     assert pseudo is not None
-    payload = load_checkpoint(checkpoint)
-    payload["detector"] = {
-        "kind": DETECTOR_KIND,
-        "image_size": size,
-        "fpn_channels": config.fpn_channels,
-        "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
-        "config": asdict(config),
-        "n_pseudo_positive": pseudo.n_positive,
-        "initialised_from_classifier": copied > 0,
-        "note": "trained on CAM pseudo-boxes of the training split; no ground-truth box used",
-    }
-    out_path = Path(out)
-    save_checkpoint(out_path, payload)
     return SelfTrainResult(
         checkpoint=out_path,
         n_pseudo_positive=pseudo.n_positive,
         n_negative=len(pseudo.rows) - pseudo.n_positive,
         losses=losses,
         seconds=time.perf_counter() - started,
+        round_checkpoints=written,
     )
 
 
