@@ -16,6 +16,7 @@ from pneumoloc.metrics import (
     calibration_curve_bins,
     classification_metrics,
     expected_calibration_error,
+    f1_threshold,
     iou_matrix,
     localisation_metrics,
     max_box_acc,
@@ -414,3 +415,22 @@ def test_curves_and_calibration_bins() -> None:
 def test_classification_input_errors(y: list[int], p: list[float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         classification_metrics(y, p, 0.5)
+
+
+def test_f1_threshold_maximises_tp_over_tp_fp_fn() -> None:
+    """Brute force over every candidate threshold: F1 and TP/(TP+FP+FN) peak at the same one."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.25).astype(int)
+    p = np.clip(0.35 * y + rng.random(200) * 0.65, 0, 1)
+    t = f1_threshold(y, p)
+
+    def csi(th: float) -> float:
+        pred = p >= th
+        tp = int(np.sum(pred & (y == 1)))
+        return tp / (tp + int(np.sum(pred & (y == 0))) + int(np.sum(~pred & (y == 1))))
+
+    assert csi(t) == pytest.approx(max(csi(th) for th in np.unique(p)))
+    # At 25% prevalence it is stricter than Youden's J here: fewer negatives get boxes.
+    assert t > youden_threshold(y, p)
+    with pytest.warns(UserWarning, match="one class"):
+        assert f1_threshold([1, 1], [0.3, 0.9]) == 0.5

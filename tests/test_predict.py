@@ -380,3 +380,28 @@ def test_open_errors_and_reader_bugs_are_failed_rows(
     assert "cannot open the file (Permission denied)" in result.rows[0].error
     assert result.rows[1].error == "RuntimeError: a reader bug"
     assert result.exit_code == 1
+
+
+def test_box_gate_f1_withholds_boxes_below_the_box_threshold(tmp_path: Path) -> None:
+    """With box_gate "f1" an image needs the stored box_threshold for boxes; the decision
+    still uses the decision threshold. Without a stored box_threshold it falls back to it."""
+    from conftest import save_untrained_checkpoint
+    from pneumoloc.errors import ConfigError
+    from pneumoloc.inference import Predictor
+
+    path = save_untrained_checkpoint(
+        tmp_path / "m.pt", size=32, threshold=0.0, box_threshold=1.0, box_gate="f1"
+    )
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    shapes = [(64, 64)] * 3
+    gated = Predictor.from_checkpoint(path, device="cpu", lung_mask=False)
+    assert gated.box_gate == "f1" and gated.box_threshold == 1.0
+    preds = gated.predict_arrays(images, shapes)
+    assert all(p.positive for p in preds) and all(len(p.boxes) == 0 for p in preds)
+    plain = Predictor.from_checkpoint(path, device="cpu", lung_mask=False, box_gate="decision")
+    assert plain.box_threshold == 0.0
+    assert all(len(p.boxes) > 0 for p in plain.predict_arrays(images, shapes))
+    legacy = save_untrained_checkpoint(tmp_path / "old.pt", size=32, threshold=0.3, box_gate="f1")
+    assert Predictor.from_checkpoint(legacy, device="cpu").box_threshold == 0.3
+    with pytest.raises(ConfigError, match="box_gate"):
+        _ = Predictor.from_checkpoint(path, device="cpu", box_gate="strict").box_threshold

@@ -114,6 +114,7 @@ def test_train_end_to_end_writes_run(easy_cache: Path, tmp_path: Path) -> None:
         "intensity",
         "label_names",
         "threshold",
+        "box_threshold",
         "cam_layer",
         "config",
         "pneumoloc_version",
@@ -122,6 +123,9 @@ def test_train_end_to_end_writes_run(easy_cache: Path, tmp_path: Path) -> None:
     ):
         assert key in ckpt, key
     assert ckpt["cam_layer"] and 0 <= ckpt["threshold"] <= 1
+    # The box gate: F1-optimal on the validation labels (an image-level choice, no boxes).
+    assert ckpt["box_threshold"] == ckpt["metrics"]["val"]["box_threshold"]
+    assert 0 <= ckpt["box_threshold"] <= 1
     model, meta = model_from_checkpoint(run / "best.pt")
     assert meta["image_size"] == 32 and not model.training
 

@@ -123,6 +123,15 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
         "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
     },
 }
+# Box gating (pneumoloc.metrics.classification.f1_threshold): boxes only on images whose
+# probability reaches the F1-optimal threshold on the validation IMAGE LABELS.
+for _name in (
+    "lung_peak0.5_split2",
+    "lung_rw_peak0.5_split2",
+    "selftrain_r1",
+    "selftrain_r2",
+):
+    INFER_VARIANTS[f"{_name}_f1gate"] = {**INFER_VARIANTS[_name], "gate": "f1"}
 SELFTRAIN_EPOCHS = 12
 
 
@@ -183,12 +192,17 @@ def _trained_from_disk(variant: str, seed: int, runs: Path) -> dict[str, Any]:
 
 
 def _evaluate_model(
-    checkpoint: str, cache_dir: str, part: str, detectors: dict[int, str] | None = None
+    checkpoint: str,
+    cache_dir: str,
+    part: str,
+    detectors: dict[int, str] | None = None,
+    box_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Every inference variant of one checkpoint on one split part: heatmaps once per CAM mode.
 
     ``detectors`` maps a self-training round to the checkpoint (classifier + detector) that
-    ``pneumoloc.selftrain`` wrote; variants with a "detector" key need it.
+    ``pneumoloc.selftrain`` wrote; variants with a "detector" key need it. ``box_threshold``
+    (F1-optimal on the validation image labels) is used by variants with ``"gate": "f1"``.
     """
     from pneumoloc.boxes import BoxConfig
     from pneumoloc.data.cache import open_cache
@@ -229,6 +243,11 @@ def _evaluate_model(
             use_detector=bool(detector_round),
             **settings,
         )
+        if spec.get("gate") == "f1":
+            if box_threshold is None:
+                continue
+            predictor.box_gate = "f1"
+            predictor.meta["box_threshold"] = box_threshold
         if key not in maps_cache:
             maps_cache[key] = predictor.heatmaps(images)
         probs, maps = maps_cache[key]
@@ -244,6 +263,7 @@ def _evaluate_model(
         )
         # The same boxes gated by the TRUE label: how far a perfect classifier would get.
         predictor.threshold_override = 0.5
+        predictor.box_gate = "decision"
         oracle = predictor.draw_boxes(images, labels.astype(np.float64), maps, shapes)
         loc_oracle = localisation_metrics(
             [b.boxes for b in oracle], [b.scores for b in oracle], None, gts
@@ -263,6 +283,26 @@ def _evaluate_model(
     return out
 
 
+def _validation_box_threshold(checkpoint: str, cache_dir: str) -> float:
+    """The F1-optimal threshold on the validation split's image labels (what ``train`` now
+    stores as ``box_threshold``; computed here for checkpoints saved before it did)."""
+    import torch
+
+    from pneumoloc.data.cache import open_cache
+    from pneumoloc.inference import Predictor
+    from pneumoloc.metrics.classification import f1_threshold
+
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True).get("box_threshold")
+    if stored is not None:
+        return float(stored)
+    cache = open_cache(cache_dir)
+    rows = cache.split.part("val")
+    probs, _ = Predictor.from_checkpoint(checkpoint, batch_size=32, lung_mask=False).heatmaps(
+        np.asarray(cache.images[rows])
+    )
+    return f1_threshold(cache.labels[rows], probs)
+
+
 def _self_train_job(job: dict[str, Any], cache_dir: str) -> dict[int, str]:
     """Self-train detectors (rounds 1 and 2) on the checkpoint's training split."""
     from pneumoloc.selftrain import SelfTrainConfig, self_train
@@ -279,10 +319,12 @@ def _eval_job(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
         return job
     try:
         detectors = _self_train_job(job, cache_dir) if job.get("selftrain") else None
+        gate = _validation_box_threshold(job["checkpoint"], cache_dir)
         return {
             **job,
-            "test": _evaluate_model(job["checkpoint"], cache_dir, "test", detectors),
-            "val_loc": _evaluate_model(job["checkpoint"], cache_dir, "val", detectors),
+            "box_threshold": gate,
+            "test": _evaluate_model(job["checkpoint"], cache_dir, "test", detectors, gate),
+            "val_loc": _evaluate_model(job["checkpoint"], cache_dir, "val", detectors, gate),
         }
     except Exception:
         return {**job, "error": traceback.format_exc()[-2000:]}

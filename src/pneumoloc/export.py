@@ -81,6 +81,8 @@ _META_FIELDS = (
     "model",
     "image_size",
     "threshold",
+    "box_threshold",
+    "box_gate",
     "intensity",
     "label_names",
     "box_config",
@@ -409,6 +411,8 @@ class OnnxPredictor(BasePredictor):
             kwargs["lung_mask"] = bool(meta["lung_mask"])
         if "refine" not in kwargs and meta.get("refine") is not None:
             kwargs["refine"] = str(meta["refine"])
+        if "box_gate" not in kwargs and meta.get("box_gate") is not None:
+            kwargs["box_gate"] = str(meta["box_gate"])
         kwargs.setdefault("cam_method", "cam")
         return cls(session=session, meta=meta, **kwargs)
 

@@ -20,7 +20,7 @@ from pneumoloc.augment import normalise
 from pneumoloc.boxes import BoxConfig, ScoredBoxes, cam_to_boxes
 from pneumoloc.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoloc.data.cache import resize_square
-from pneumoloc.errors import CheckpointError
+from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.io import XrayImage
 from pneumoloc.lungs import restrict_to_lungs
 from pneumoloc.refine import refine_heatmaps
@@ -100,6 +100,10 @@ class BasePredictor:
             walk, ``pneumoloc.refine``); None for none.
         cam_layers: ``"stages"`` fuses the CAM method's maps of the last three backbone stages
             (multi-stage fusion; grad-cam methods only); None or ``"final"``: the final map.
+        box_gate: Which probability threshold an image must reach to get boxes: ``"decision"``
+            (the decision threshold) or ``"f1"`` (the checkpoint's ``box_threshold``, F1-optimal
+            on its validation image labels; see ``metrics.classification.f1_threshold``).
+            Boxes never appear on an image decided negative.
     """
 
     backend: ClassVar[str] = "torch"
@@ -112,6 +116,7 @@ class BasePredictor:
     lung_mask: bool = False
     refine: str | None = None
     cam_layers: str | None = None
+    box_gate: str = "decision"
 
     @property
     def image_size(self) -> int:
@@ -126,6 +131,16 @@ class BasePredictor:
             if self.threshold_override is not None
             else self.meta["threshold"]
         )
+
+    @property
+    def box_threshold(self) -> float:
+        """The probability an image needs for boxes (see ``box_gate``)."""
+        if self.box_gate not in ("decision", "f1"):
+            raise ConfigError(f"box_gate must be 'decision' or 'f1', got {self.box_gate!r}")
+        stored = self.meta.get("box_threshold")
+        if self.box_gate == "f1" and stored is not None:
+            return max(float(stored), self.threshold)
+        return self.threshold
 
     @property
     def model_id(self) -> str:
@@ -185,10 +200,9 @@ class BasePredictor:
         shapes: Sequence[tuple[int, int]],
     ) -> list[ScoredBoxes]:
         """Boxes in original pixels for each image: the box rule on the heatmaps."""
+        gate = self.box_threshold
         return [
-            cam_to_boxes(
-                h, float(p), threshold=self.threshold, config=self.box_config, out_shape=shape
-            )
+            cam_to_boxes(h, float(p), threshold=gate, config=self.box_config, out_shape=shape)
             for p, h, shape in zip(probs, maps, shapes, strict=True)
         ]
 
@@ -210,6 +224,8 @@ class BasePredictor:
             "pneumoloc_version": self.meta.get("pneumoloc_version"),
             "image_size": self.image_size,
             "threshold": self.threshold,
+            "box_gate": self.box_gate,
+            "box_threshold": self.box_threshold,
             "cam_method": self.cam_method,
             "tta": self.tta,
             "lung_mask": self.lung_mask,
@@ -271,7 +287,7 @@ class Predictor(BasePredictor):
                 kwargs["detector"] = load_detector(entry, device)
         if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
             kwargs["box_config"] = BoxConfig(**meta["box_config"])
-        for key in ("cam_method", "tta", "lung_mask", "refine", "cam_layers"):
+        for key in ("cam_method", "tta", "lung_mask", "refine", "cam_layers", "box_gate"):
             if key not in kwargs and meta.get(key) is not None:
                 kwargs[key] = meta[key]
         return cls(model=model, meta=meta, **kwargs)
@@ -300,7 +316,7 @@ class Predictor(BasePredictor):
         return detector_boxes(
             detections,
             probs,
-            threshold=self.threshold,
+            threshold=self.box_threshold,
             input_size=self.image_size,
             out_shapes=shapes,
             fallback=cam_boxes,

@@ -13,6 +13,7 @@ DEFAULT_INFERENCE_RECIPE: dict[str, Any] = {
     "lung_mask": True,
     "refine": None,
     "cam_layers": None,
+    "box_gate": "decision",
     "tta": False,
     "box_config": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
 }
@@ -22,6 +23,7 @@ NOTEBOOK_RECIPE: dict[str, Any] = {
     "lung_mask": False,
     "refine": None,
     "cam_layers": None,
+    "box_gate": "decision",
     "tta": False,
     "box_config": {"rule": "notebook", "notebook_std": 0.5, "split_midline": False, "max_boxes": 3},
 }

@@ -120,10 +120,11 @@ def predict_probabilities(
 
 
 def validation_metrics(labels: np.ndarray, probs: np.ndarray, pos_weight: float) -> dict[str, Any]:
-    """Loss, AUROC, AUPRC, accuracy at 0.5 and at the Youden threshold (chosen here)."""
+    """Loss, AUROC, AUPRC, accuracy at 0.5 and at the Youden threshold (chosen here), and the
+    F1-optimal threshold that gates boxes (``box_threshold``)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from pneumoloc.metrics.classification import youden_threshold
+    from pneumoloc.metrics.classification import f1_threshold, youden_threshold
 
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
     y = labels.astype(np.float64)
@@ -137,6 +138,7 @@ def validation_metrics(labels: np.ndarray, probs: np.ndarray, pos_weight: float)
         "accuracy": float(np.mean((p >= 0.5) == y)),
         "threshold": threshold,
         "accuracy_at_threshold": float(np.mean((p >= threshold) == y)),
+        "box_threshold": float(f1_threshold(y, p)) if two_classes else threshold,
     }
 
 
@@ -355,6 +357,7 @@ def _train(
             "intensity": INTENSITY_CONVENTION,
             "label_names": list(LABEL_NAMES),
             "threshold": threshold,
+            "box_threshold": metrics.get("box_threshold", threshold),
             "cam_layer": cam_layer,
             "config": config.to_dict(),
             "data": {

@@ -5,6 +5,7 @@ from pneumoloc.metrics.classification import (
     calibration_curve_bins,
     classification_metrics,
     expected_calibration_error,
+    f1_threshold,
     roc_pr_curves,
     youden_threshold,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "calibration_curve_bins",
     "classification_metrics",
     "expected_calibration_error",
+    "f1_threshold",
     "iou_matrix",
     "localisation_metrics",
     "max_box_acc",

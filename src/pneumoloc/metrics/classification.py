@@ -80,6 +80,33 @@ def youden_threshold(y_true: Any, prob: Any) -> float:
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
 
+def f1_threshold(y_true: Any, prob: Any) -> float:
+    """The threshold maximising F1 of the positive class (equivalently the critical success
+    index TP / (TP + FP + FN), a monotonic function of F1).
+
+    Why pneumoloc gates boxes with it: the RSNA challenge score averages over images that have
+    a true or a predicted box, so a false-positive image adds a zero, a missed positive adds a
+    zero, and a true negative without boxes is not counted. If every true-positive image scored
+    the same localisation quality s, the RSNA score would be s x TP / (TP + FP + FN): the best
+    image-level gate for it is this threshold, not Youden's (which, at 20-30% prevalence, lets
+    many negatives through). Only image-level labels are used to choose it.
+
+    Returns:
+        The threshold in ``[0, 1]``; 0.5, with a warning, when only one class is present.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    y, p = _validate(y_true, prob)
+    if not _both_classes(y):
+        warnings.warn(
+            "f1_threshold: only one class in y_true, returning 0.5", UserWarning, stacklevel=2
+        )
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(np.clip(thresholds[int(np.argmax(f1))], 0.0, 1.0))
+
+
 def expected_calibration_error(
     y_true: Any,
     prob: Any,
