@@ -21,7 +21,10 @@ KEYS = [
     "notebook_mean_iou",
     "auroc",
 ]
-BASELINE = ("resnet18_256_os32", "cam_peak0.5")
+BASELINES = {
+    "gpu": ("resnet18_256_os32", "cam_peak0.5"),
+    "cpu192": ("resnet18_192_os32", "cam_peak0.5"),
+}
 
 
 def _stats(values: list[float | None]) -> tuple[float, float]:
@@ -32,8 +35,16 @@ def _stats(values: list[float | None]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path)
+    parser.add_argument(
+        "--baseline", default=None, help="TRAIN,INFER variant of the baseline (default by profile)"
+    )
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
+    baseline = (
+        tuple(args.baseline.split(",", 1))
+        if args.baseline
+        else BASELINES[results.get("profile", "gpu")]
+    )
     test: dict[tuple[str, str], list[dict]] = defaultdict(list)
     val: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for job in results["ablation"]:
@@ -41,7 +52,7 @@ def main() -> None:
             test[(job["variant"], name)].append(metrics)
         for name, metrics in job.get("val_loc", {}).items():
             val[(job["variant"], name)].append(metrics)
-    base = _stats([m["rsna_map"] for m in test[BASELINE]])[0]
+    base = _stats([m["rsna_map"] for m in test[baseline]])[0]
     header = [
         "training variant",
         "inference variant",

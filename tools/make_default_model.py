@@ -5,7 +5,10 @@ in float32 after loading), and the default inference recipe chosen by the locali
 (docs/localisation.md) is written into the checkpoint so predict, evaluate, submit and serve use
 it without flags.
 
-Usage: python tools/make_default_model.py CHECKPOINT [--out src/pneumoloc/weights/default.pt]
+A checkpoint saved before ``train`` stored ``box_threshold`` gets it from ``--data`` (the cache it
+was trained on): the F1-optimal threshold on that cache's validation split, from image labels only.
+
+Usage: python tools/make_default_model.py CHECKPOINT [--data CACHE] [--out ...default.pt]
 """
 
 from __future__ import annotations
@@ -22,8 +25,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=Path("src/pneumoloc/weights/default.pt"))
+    parser.add_argument("--data", type=Path, default=None, help="cache for a missing box_threshold")
     args = parser.parse_args()
     payload = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if payload.get("box_threshold") is None and args.data is not None:
+        import numpy as np
+
+        from pneumoloc.data.cache import open_cache
+        from pneumoloc.inference import Predictor
+        from pneumoloc.metrics.classification import f1_threshold
+
+        cache = open_cache(args.data)
+        rows = cache.split.part("val")
+        predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", lung_mask=False)
+        probs, _ = predictor.heatmaps(np.asarray(cache.images[rows]))
+        payload["box_threshold"] = f1_threshold(cache.labels[rows], probs)
+        payload.setdefault("metrics", {}).setdefault("val", {})["box_threshold"] = payload[
+            "box_threshold"
+        ]
+        print(f"box_threshold {payload['box_threshold']:.4f} (F1-optimal on {args.data} val)")
     payload["state_dict"] = {
         k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
     }
