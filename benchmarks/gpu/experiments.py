@@ -17,6 +17,7 @@ Writes results.json (and default.pt) to --out. Usage on the lent GPU machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -132,6 +133,11 @@ for _name in (
     "selftrain_r2",
 ):
     INFER_VARIANTS[f"{_name}_f1gate"] = {**INFER_VARIANTS[_name], "gate": "f1"}
+# Box settings (rule, peak fraction, number of boxes) CHOSEN ON THE VALIDATION SPLIT'S BOXES
+# (evaluate.tune_box_config, the --tune-boxes-on-val grid): flagged by "tunedval" in the name;
+# their "val RSNA" is optimistic by construction and does not compete for the default.
+INFER_VARIANTS["lung_tunedval"] = {**INFER_VARIANTS["lung_peak0.5_split2"], "tune": True}
+INFER_VARIANTS["lung_rw_tunedval"] = {**INFER_VARIANTS["lung_rw_peak0.5_split2"], "tune": True}
 SELFTRAIN_EPOCHS = 12
 
 
@@ -197,6 +203,7 @@ def _evaluate_model(
     part: str,
     detectors: dict[int, str] | None = None,
     box_threshold: float | None = None,
+    tuned: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every inference variant of one checkpoint on one split part: heatmaps once per CAM mode.
 
@@ -222,6 +229,8 @@ def _evaluate_model(
         detector_round = spec.get("detector")
         if detector_round and not (detectors or {}).get(detector_round):
             continue
+        if spec.get("tune") and name not in (tuned or {}):
+            continue
         key = (
             spec.get("cam", "cam"),
             bool(spec.get("tta")),
@@ -235,7 +244,7 @@ def _evaluate_model(
             "lung_mask": key[2],
             "refine": key[3],
             "cam_layers": key[4],
-            "box_config": BoxConfig(**spec["box"]),
+            "box_config": (tuned or {})[name] if spec.get("tune") else BoxConfig(**spec["box"]),
             "batch_size": 32,
         }
         predictor = Predictor.from_checkpoint(
@@ -283,6 +292,39 @@ def _evaluate_model(
     return out
 
 
+def _tune_on_val(checkpoint: str, cache_dir: str) -> dict[str, Any]:
+    """Box settings of the "tune" variants, chosen by the RSNA score on the VALIDATION boxes."""
+    from pneumoloc.boxes import BoxConfig
+    from pneumoloc.data.cache import open_cache
+    from pneumoloc.evaluate import EvalPredictions, tune_box_config
+    from pneumoloc.inference import Predictor
+
+    cache = open_cache(cache_dir)
+    rows = cache.split.part("val")
+    images = np.asarray(cache.images[rows])
+    shapes = np.array([(int(s[0]), int(s[1])) for s in cache.original_shapes[rows]])
+    gts = cache.load_eval_boxes(rows, scale="original")
+    chosen: dict[str, Any] = {}
+    for name, spec in INFER_VARIANTS.items():
+        if not spec.get("tune"):
+            continue
+        predictor = Predictor.from_checkpoint(
+            checkpoint, lung_mask=bool(spec.get("lung")), refine=spec.get("refine"), batch_size=32
+        )
+        probs, maps = predictor.heatmaps(images)
+        preds = EvalPredictions(
+            rows=rows,
+            labels=cache.labels[rows],
+            probs=probs,
+            boxes=[],
+            heatmaps=list(maps),
+            gts=gts,
+            shapes=shapes,
+        )
+        chosen[name], _ = tune_box_config(preds, predictor.threshold, BoxConfig(**spec["box"]))
+    return chosen
+
+
 def _validation_box_threshold(checkpoint: str, cache_dir: str) -> float:
     """The F1-optimal threshold on the validation split's image labels (what ``train`` now
     stores as ``box_threshold``; computed here for checkpoints saved before it did)."""
@@ -320,11 +362,14 @@ def _eval_job(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
     try:
         detectors = _self_train_job(job, cache_dir) if job.get("selftrain") else None
         gate = _validation_box_threshold(job["checkpoint"], cache_dir)
+        tuned = _tune_on_val(job["checkpoint"], cache_dir)
+        ckpt = job["checkpoint"]
         return {
             **job,
             "box_threshold": gate,
-            "test": _evaluate_model(job["checkpoint"], cache_dir, "test", detectors, gate),
-            "val_loc": _evaluate_model(job["checkpoint"], cache_dir, "val", detectors, gate),
+            "tuned_on_val": {k: dataclasses.asdict(v) for k, v in tuned.items()},
+            "test": _evaluate_model(ckpt, cache_dir, "test", detectors, gate, tuned),
+            "val_loc": _evaluate_model(ckpt, cache_dir, "val", detectors, gate, tuned),
         }
     except Exception:
         return {**job, "error": traceback.format_exc()[-2000:]}
