@@ -311,3 +311,16 @@ def test_cli_evaluate(
         )
         == 2
     )
+
+
+def test_cli_evaluate_localisation_options(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """--refine, --cam-layers and --box-gate reach the predictor and are recorded."""
+    cache_dir, ckpt = trained
+    out = tmp_path / "opts"
+    argv = ["evaluate", str(ckpt), "--data", str(cache_dir), "--out", str(out), "--quiet"]
+    argv += ["--refine", "randomwalk", "--cam", "layercam", "--cam-layers", "stages"]
+    argv += ["--box-gate", "f1", "--gallery", "0", "--n-boot", "10"]
+    assert main(argv) == 0
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert prov["refine"] == "randomwalk" and prov["cam_layers"] == "stages"
+    assert prov["box_gate"] == "f1" and prov["box_threshold"] >= prov["threshold"]

@@ -193,6 +193,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         lung_mask=lung_mask,
         refine=args.refine,
         cam_layers=args.cam_layers,
+        box_gate=args.box_gate,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,
@@ -443,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["final", "stages"],
         default=None,
         help="stages: fuse the CAM of the last three backbone stages (with --cam layercam etc.)",
+    )
+    p.add_argument(
+        "--box-gate",
+        choices=["decision", "f1"],
+        default=None,
+        help="boxes above the decision threshold, or above the F1-optimal box_threshold",
     )
     p.add_argument(
         "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"

@@ -379,6 +379,7 @@ def evaluate(
     lung_mask: bool | None = None,
     refine: str | None = None,
     cam_layers: str | None = None,
+    box_gate: str | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -405,6 +406,7 @@ def evaluate(
         refine: Heatmap refinement, "randomwalk" or "none" (None: the checkpoint's).
         cam_layers: "stages" fuses the last three stages (grad-cam methods; None: the
             checkpoint's, else the final map).
+        box_gate: "decision" or "f1" (None: the checkpoint's): which threshold gates boxes.
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the
@@ -430,6 +432,8 @@ def evaluate(
         kwargs["refine"] = None if refine == "none" else refine
     if cam_layers is not None:
         kwargs["cam_layers"] = cam_layers
+    if box_gate is not None:
+        kwargs["box_gate"] = box_gate
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     if cam_method is not None:
@@ -567,6 +571,8 @@ def _provenance(
         "lung_mask": predictor.lung_mask,
         "refine": predictor.refine,
         "cam_layers": predictor.cam_layers,
+        "box_gate": predictor.box_gate,
+        "box_threshold": predictor.box_threshold,
         "box_config": dataclasses.asdict(predictor.box_config),
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None
