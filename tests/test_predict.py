@@ -125,6 +125,7 @@ def test_predict_mixed_folder(mixed: Path, checkpoint: Path, tmp_path: Path) -> 
         row, record = by_id[i], json.loads((out / f"{i}.json").read_text())
         assert row["status"] == "ok" and row["error"] == ""
         assert record["id"] == i and record["cam_method"] == "cam" and record["backend"] == "torch"
+        assert record["box_source"] == "cam"
         assert record["model_id"] == "smallcamnet@32px" and record["model_version"]
         assert float(row["probability"]) == pytest.approx(record["probability"], abs=1e-6)
         threshold = record["threshold"]

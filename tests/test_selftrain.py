@@ -189,5 +189,8 @@ def test_selftrain_end_to_end_never_reads_boxes(synth_rsna: Path, tmp_path: Path
     images = np.zeros((2, 64, 64), np.uint8)
     preds = predictor.predict_arrays(images, [(128, 128)] * 2)
     assert len(preds) == 2 and all(p.positive for p in preds)
+    from pneumoloc.inference import prediction_record
+
+    assert prediction_record(preds[0], predictor, image_id="x")["box_source"] == "detector"
     plain = Predictor.from_checkpoint(out, device="cpu", use_detector=False)
     assert plain.detector is None and plain.describe()["box_source"] == "cam"

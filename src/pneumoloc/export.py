@@ -216,6 +216,12 @@ def export_onnx(
             meta.get("cam_method"),
             " with TTA" if meta.get("tta") else "",
         )
+    if meta.get("detector"):
+        logger.warning(
+            "%s holds a self-trained box detector; the ONNX file carries the classifier only, "
+            "so its boxes come from the CAM box rule",
+            path,
+        )
     graph = _cam_graph(model, size)
     example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
     out = Path(out)

@@ -367,6 +367,7 @@ def prediction_record(
         "id": image_id,
         **prediction.to_dict(),
         "cam_method": predictor.cam_method,
+        "box_source": "detector" if getattr(predictor, "detector", None) is not None else "cam",
         "model_id": predictor.model_id,
         "model_version": predictor.meta.get("pneumoloc_version"),
         "pneumoloc_version": __version__,
