@@ -2,8 +2,8 @@
 
 Round 1 (GPU, 3 seeds) chose the lung mask, peak-fraction 0.5 boxes, the midline split and at
 most 2 boxes; round 2 (CPU, 192 px, 3 seeds x 4 training variants) added the image-guided
-random-walk refinement, which scored higher on the validation split of 4 of the 5 models it was
-tried on (the shipped model included) and 0.010 vs 0.011 on the fifth.
+random-walk refinement, which scored at least as high on the validation split of 4 of the 5
+models it was tried on (higher on 3, the shipped model included) and 0.010 vs 0.011 on the fifth.
 
 Written into every checkpoint ``pneumoloc train`` saves (and into the shipped default model), so
 ``evaluate``, ``predict``, ``submit`` and ``serve`` use it unless told otherwise.
