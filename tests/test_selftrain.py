@@ -63,7 +63,7 @@ def test_detector_learns_planted_opacities_from_noisy_pseudo_boxes() -> None:
         return np.where(labels == 1, 0.9, 0.1), out
 
     config = SelfTrainConfig(epochs=14, batch_size=8, lr=2e-3, fpn_channels=64, seed=0)
-    pseudo = make_pseudo_labels(images, labels, cam_like, threshold=0.5, config=config)
+    pseudo = make_pseudo_labels(labels, *cam_like(images), threshold=0.5, config=config)
     assert pseudo.n_positive == 24 and len(pseudo.rows) == 48
     torch.manual_seed(0)
     detector = build_detector(S, fpn_channels=64)
@@ -99,7 +99,7 @@ def test_pseudo_labels_keep_confident_labelled_positives_only() -> None:
         return np.array([0.9, 0.3, 0.9, 0.9, 0.1, 0.1]), [box, box, ScoredBoxes(), box, box, box]
 
     pseudo = make_pseudo_labels(
-        images, labels, draw, threshold=0.2, config=SelfTrainConfig(min_probability=0.5)
+        labels, *draw(images), threshold=0.2, config=SelfTrainConfig(min_probability=0.5)
     )
     assert pseudo.n_positive == 1 and pseudo.rows[0] == 0
     np.testing.assert_allclose(pseudo.boxes[0], [[4, 5, 14, 17]])  # xywh -> xyxy
@@ -107,7 +107,7 @@ def test_pseudo_labels_keep_confident_labelled_positives_only() -> None:
     assert all(len(b) == 0 for b in pseudo.boxes[1:])
     with pytest.raises(DataError, match="no confident positive"):
         empty = make_pseudo_labels(
-            images, np.zeros(6, int), draw, threshold=0.2, config=SelfTrainConfig()
+            np.zeros(6, int), *draw(images), threshold=0.2, config=SelfTrainConfig()
         )
         train_detector(build_detector(S, 32), images, empty, SelfTrainConfig(), device="cpu")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="rounds"):

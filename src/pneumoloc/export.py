@@ -38,9 +38,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pneumoloc.boxes import BoxConfig
 from pneumoloc.errors import CheckpointError, ConfigError
-from pneumoloc.inference import BasePredictor
+from pneumoloc.inference import BasePredictor, stored_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -411,14 +410,8 @@ class OnnxPredictor(BasePredictor):
             ) from None
         meta = _parse_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
         meta["checkpoint_path"] = str(path)
-        if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
-            kwargs["box_config"] = BoxConfig(**meta["box_config"])
-        if "lung_mask" not in kwargs and meta.get("lung_mask") is not None:
-            kwargs["lung_mask"] = bool(meta["lung_mask"])
-        if "refine" not in kwargs and meta.get("refine") is not None:
-            kwargs["refine"] = str(meta["refine"])
-        if "box_gate" not in kwargs and meta.get("box_gate") is not None:
-            kwargs["box_gate"] = str(meta["box_gate"])
+        # The file's metadata holds only settings this backend runs (cam_method is "cam").
+        kwargs = stored_recipe(meta, kwargs)
         kwargs.setdefault("cam_method", "cam")
         return cls(session=session, meta=meta, **kwargs)
 

@@ -40,6 +40,21 @@ def resolve_checkpoint(name: str | Path | None) -> Path:
     return Path(name)
 
 
+RECIPE_KEYS = ("cam_method", "tta", "lung_mask", "refine", "cam_layers", "box_gate")
+"""Inference settings a checkpoint (or ONNX file) may store, besides ``box_config``."""
+
+
+def stored_recipe(meta: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed by the recipe stored in a model's metadata (given kwargs win)."""
+    out = dict(kwargs)
+    if "box_config" not in out and isinstance(meta.get("box_config"), dict):
+        out["box_config"] = BoxConfig(**meta["box_config"])
+    for key in RECIPE_KEYS:
+        if key not in out and meta.get(key) is not None:
+            out[key] = meta[key]
+    return out
+
+
 @dataclass
 class Prediction:
     """Everything pneumoloc says about one image.
@@ -143,6 +158,11 @@ class BasePredictor:
         return self.threshold
 
     @property
+    def box_source(self) -> str:
+        """What draws the boxes: "cam" (the box rule) or "detector" (a self-trained one)."""
+        return "cam"
+
+    @property
     def model_id(self) -> str:
         """A short identifier of the model for outputs."""
         spec = self.meta.get("model", {})
@@ -231,7 +251,7 @@ class BasePredictor:
             "lung_mask": self.lung_mask,
             "refine": self.refine,
             "cam_layers": self.cam_layers,
-            "box_source": "detector" if getattr(self, "detector", None) is not None else "cam",
+            "box_source": self.box_source,
             "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
             "backend": self.backend,
@@ -257,6 +277,11 @@ class Predictor(BasePredictor):
 
     model: torch.nn.Module
     detector: torch.nn.Module | None = None
+
+    @property
+    def box_source(self) -> str:
+        """What draws the boxes: "cam" (the box rule) or "detector" (a self-trained one)."""
+        return "cam" if self.detector is None else "detector"
 
     @classmethod
     def from_checkpoint(
@@ -285,12 +310,7 @@ class Predictor(BasePredictor):
                 from pneumoloc.selftrain import load_detector
 
                 kwargs["detector"] = load_detector(entry, device)
-        if "box_config" not in kwargs and isinstance(meta.get("box_config"), dict):
-            kwargs["box_config"] = BoxConfig(**meta["box_config"])
-        for key in ("cam_method", "tta", "lung_mask", "refine", "cam_layers", "box_gate"):
-            if key not in kwargs and meta.get(key) is not None:
-                kwargs[key] = meta[key]
-        return cls(model=model, meta=meta, **kwargs)
+        return cls(model=model, meta=meta, **stored_recipe(meta, kwargs))
 
     def draw_boxes(
         self,
@@ -303,14 +323,15 @@ class Predictor(BasePredictor):
         cam_boxes = super().draw_boxes(images, probs, maps, shapes)
         if self.detector is None:
             return cam_boxes
-        from pneumoloc.selftrain import detect, detector_boxes
+        from pneumoloc.selftrain import SelfTrainConfig, detect, detector_boxes
 
         entry = self.meta.get("detector", {}).get("config", {})
+        defaults = SelfTrainConfig()
         detections = detect(
             self.detector,
             np.asarray(images),
-            min_score=float(entry.get("min_score", 0.05)),
-            max_boxes=int(entry.get("max_boxes", 2)),
+            min_score=float(entry.get("min_score", defaults.min_score)),
+            max_boxes=int(entry.get("max_boxes", defaults.max_boxes)),
             batch_size=self.batch_size,
         )
         return detector_boxes(
@@ -367,7 +388,7 @@ def prediction_record(
         "id": image_id,
         **prediction.to_dict(),
         "cam_method": predictor.cam_method,
-        "box_source": "detector" if getattr(predictor, "detector", None) is not None else "cam",
+        "box_source": predictor.box_source,
         "model_id": predictor.model_id,
         "model_version": predictor.meta.get("pneumoloc_version"),
         "pneumoloc_version": __version__,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,9 +173,9 @@ class PseudoLabels:
 
 
 def make_pseudo_labels(
-    images: np.ndarray,
     labels: np.ndarray,
-    draw_boxes: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]],
+    probs: np.ndarray,
+    drawn: Sequence[ScoredBoxes],
     *,
     threshold: float,
     config: SelfTrainConfig,
@@ -183,17 +183,16 @@ def make_pseudo_labels(
     """Pseudo-boxes for labelled-positive confident images, background for negatives.
 
     Args:
-        images: uint8 (N, S, S) training images.
-        labels: Image-level labels (N,) (these are training labels; no box is read).
-        draw_boxes: images -> (probabilities, boxes in input pixels) for a batch.
+        labels: Image-level labels (N,) of the training images (no box is read).
+        probs: The classifier's probabilities (N,).
+        drawn: Boxes in input pixels per image (the CAM's, or a detector's in round 2).
         threshold: The classifier's decision threshold.
         config: Self-training settings.
     """
-    probs, drawn = draw_boxes(images)
     keep_prob = max(threshold, config.min_probability)
     positives = [
         i
-        for i in range(len(images))
+        for i in range(len(labels))
         if labels[i] == 1 and probs[i] >= keep_prob and len(drawn[i]) > 0
     ]
     negatives = np.flatnonzero(labels == 0)
@@ -352,28 +351,6 @@ class SelfTrainResult:
     round_checkpoints: list[Path]
 
 
-def _detector_drawer(
-    detector: nn.Module,
-    cam_boxes: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]],
-    *,
-    size: int,
-    max_boxes: int,
-) -> Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]]:
-    """images -> (probabilities, boxes in input pixels) from a trained detector (round 2's
-    pseudo-boxes: the detector's boxes scoring >= 0.3, else the CAM boxes; the classifier's
-    probabilities)."""
-
-    def draw(batch: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
-        probs, cam = cam_boxes(batch)
-        dets = detect(detector, batch, min_score=0.3, max_boxes=max_boxes)
-        shapes = [(size, size)] * len(batch)
-        return probs, detector_boxes(
-            dets, probs, threshold=0.0, input_size=size, out_shapes=shapes, fallback=cam
-        )
-
-    return draw
-
-
 def self_train(
     checkpoint: str | Path,
     data: str | Path,
@@ -423,7 +400,9 @@ def self_train(
         if config.init_from_classifier
         else 0
     )
-    draw: Callable[[np.ndarray], tuple[np.ndarray, list[ScoredBoxes]]] = cam_boxes
+    # The classifier's pass over the training images, once for every round.
+    probs, cam = cam_boxes(images)
+    drawn = cam
     payload = load_checkpoint(checkpoint)
     out_path = Path(out)
     written: list[Path] = []
@@ -431,7 +410,7 @@ def self_train(
     pseudo = None
     for round_ in range(config.rounds):
         pseudo = make_pseudo_labels(
-            images, labels, draw, threshold=predictor.threshold, config=config
+            labels, probs, drawn, threshold=predictor.threshold, config=config
         )
         logger.info(
             "round %d: %d pseudo-boxed positives, %d negatives",
@@ -440,7 +419,17 @@ def self_train(
             len(pseudo.rows) - pseudo.n_positive,
         )
         losses.append(train_detector(detector, images, pseudo, config, device=device))
-        draw = _detector_drawer(detector, cam_boxes, size=size, max_boxes=config.max_boxes)
+        if round_ + 1 < config.rounds:
+            # Next round's pseudo-boxes: this detector's boxes scoring >= 0.3, else the CAM's.
+            detections = detect(detector, images, min_score=0.3, max_boxes=config.max_boxes)
+            drawn = detector_boxes(
+                detections,
+                probs,
+                threshold=0.0,
+                input_size=size,
+                out_shapes=[(size, size)] * len(images),
+                fallback=cam,
+            )
         last = round_ + 1 == config.rounds
         path = out_path if last else out_path.with_name(f"{out_path.stem}.round{round_ + 1}.pt")
         payload["detector"] = {

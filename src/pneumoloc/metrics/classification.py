@@ -58,6 +58,14 @@ def _both_classes(y: np.ndarray) -> bool:
     return bool(0 < y.sum() < y.size)
 
 
+def _one_class(y: np.ndarray, caller: str) -> bool:
+    """True, with a warning that ``caller`` returns 0.5, when ``y`` holds one class only."""
+    if _both_classes(y):
+        return False
+    warnings.warn(f"{caller}: only one class in y_true, returning 0.5", UserWarning, stacklevel=3)
+    return True
+
+
 def youden_threshold(y_true: Any, prob: Any) -> float:
     """The threshold maximising Youden's J = TPR - FPR over the ROC curve's thresholds.
 
@@ -70,10 +78,7 @@ def youden_threshold(y_true: Any, prob: Any) -> float:
         when only one class is present.
     """
     y, p = _validate(y_true, prob)
-    if not _both_classes(y):
-        warnings.warn(
-            "youden_threshold: only one class in y_true, returning 0.5", UserWarning, stacklevel=2
-        )
+    if _one_class(y, "youden_threshold"):
         return 0.5
     fpr, tpr, thresholds = roc_curve(y, p)
     best = int(np.argmax(tpr - fpr))
@@ -97,10 +102,7 @@ def f1_threshold(y_true: Any, prob: Any) -> float:
     from sklearn.metrics import precision_recall_curve
 
     y, p = _validate(y_true, prob)
-    if not _both_classes(y):
-        warnings.warn(
-            "f1_threshold: only one class in y_true, returning 0.5", UserWarning, stacklevel=2
-        )
+    if _one_class(y, "f1_threshold"):
         return 0.5
     precision, recall, thresholds = precision_recall_curve(y, p)
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
