@@ -225,6 +225,7 @@ def _evaluate_model(
     gts = cache.load_eval_boxes(rows, scale="original")
     out: dict[str, Any] = {}
     maps_cache: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
+    loaded: dict[str, Any] = {}
     for name, spec in INFER_VARIANTS.items():
         detector_round = spec.get("detector")
         if detector_round and not (detectors or {}).get(detector_round):
@@ -247,11 +248,11 @@ def _evaluate_model(
             "box_config": (tuned or {})[name] if spec.get("tune") else BoxConfig(**spec["box"]),
             "batch_size": 32,
         }
-        predictor = Predictor.from_checkpoint(
-            (detectors or {})[detector_round] if detector_round else checkpoint,
-            use_detector=bool(detector_round),
-            **settings,
-        )
+        source = (detectors or {})[detector_round] if detector_round else checkpoint
+        if source not in loaded:  # each checkpoint is read once; variants only change settings
+            loaded[source] = Predictor.from_checkpoint(source, use_detector=bool(detector_round))
+        base = loaded[source]
+        predictor = dataclasses.replace(base, meta=dict(base.meta), **settings)
         if spec.get("gate") == "f1":
             if box_threshold is None:
                 continue
