@@ -26,7 +26,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-import pneumoloc.io.reader as reader_module
+import pneumoloc.io.dicom as dicom_module
+import pneumoloc.io.image as image_module
 from conftest import crafted_png
 from pneumoloc.errors import (
     ImageReadError,
@@ -402,7 +403,7 @@ def test_jpeg_baseline_dicom_fast_path(tmp_path: Path, monkeypatch: pytest.Monke
     def no_pydicom(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("JPEG Baseline must not go through pydicom's pixel_array")
 
-    monkeypatch.setattr(reader_module, "_decode_with_pydicom", no_pydicom)
+    monkeypatch.setattr(dicom_module, "_decode_with_pydicom", no_pydicom)
     img = read_xray(path)
     # Exactly what Pillow decodes from the frame; close to pydicom's decode and the original.
     np.testing.assert_array_equal(img.pixels, np.array(Image.open(io.BytesIO(frame))))
@@ -706,7 +707,7 @@ def test_patient_name_never_in_messages(tmp_path: Path) -> None:
 
 def test_wrapped_library_messages_are_scrubbed() -> None:
     ds = make_ds(np.zeros((2, 2), np.uint8))
-    text = reader_module._describe(ValueError(f"bad value {PATIENT_NAME} / DOE-123456"), ds)
+    text = image_module._describe(ValueError(f"bad value {PATIENT_NAME} / DOE-123456"), ds)
     assert text.startswith("ValueError: bad value")
     assert "Doe" not in text and "Jane" not in text and "DOE-123456" not in text
 

@@ -1,6 +1,7 @@
 """Reading X-ray files: one reader, one intensity convention, for every path."""
 
 from pneumoloc.io.reader import (
+    DEFAULT_MAX_PIXELS,
     SUPPORTED_SUFFIXES,
     XrayImage,
     is_supported_file,
@@ -8,4 +9,11 @@ from pneumoloc.io.reader import (
     read_xray_bytes,
 )
 
-__all__ = ["SUPPORTED_SUFFIXES", "XrayImage", "is_supported_file", "read_xray", "read_xray_bytes"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "SUPPORTED_SUFFIXES",
+    "XrayImage",
+    "is_supported_file",
+    "read_xray",
+    "read_xray_bytes",
+]
