@@ -434,10 +434,10 @@ def test_concurrent_requests_share_one_model(
     monkeypatch.setattr(Predictor, "predict_xrays", watched)
 
     # A slow decode makes requests overlap, so the test shows they are really concurrent.
-    import pneumoloc.serve.app as serve_app
+    import pneumoloc.serve.engine as serve_engine
 
     decoding = [0, 0]
-    real_read = serve_app.read_xray_bytes
+    real_read = serve_engine.read_xray_bytes
 
     def slow_read(*args: Any, **kwargs: Any) -> Any:
         with guard:
@@ -450,7 +450,7 @@ def test_concurrent_requests_share_one_model(
             with guard:
                 decoding[0] -= 1
 
-    monkeypatch.setattr(serve_app, "read_xray_bytes", slow_read)
+    monkeypatch.setattr(serve_engine, "read_xray_bytes", slow_read)
     data = dicom_path.read_bytes()
     results: list[tuple[int, float, list[Any]]] = []
     errors: list[BaseException] = []

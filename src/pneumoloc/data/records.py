@@ -13,14 +13,15 @@ LABEL_NAMES = ("no_pneumonia", "pneumonia")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def safe_name(value: str, *, max_len: int = 128) -> str:
+def safe_name(value: str, *, max_len: int = 128, fallback: str = "unnamed") -> str:
     """Make a value read from a file (patientId, file name) safe to use as a file name.
 
     Keeps letters, digits, ``.``, ``_`` and ``-``; everything else becomes ``_``; leading dots
-    are dropped so the result can never be ``..`` or a hidden file; never empty.
+    are dropped so the result can never be ``..`` or a hidden file; never empty (``fallback``
+    when nothing is left).
     """
     cleaned = _SAFE_ID.sub("_", value).lstrip(".")[:max_len]
-    return cleaned or "unnamed"
+    return cleaned or fallback
 
 
 def empty_boxes() -> np.ndarray:

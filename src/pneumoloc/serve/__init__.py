@@ -10,14 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pneumoloc.serve.app import (
-    LIMITS_TEXT,
-    TOKEN_ENV,
-    ServeSettings,
-    create_app,
-    is_loopback,
-    resolve_token,
-)
+from pneumoloc.serve.app import create_app
+from pneumoloc.serve.schemas import LIMITS_TEXT
+from pneumoloc.serve.settings import TOKEN_ENV, ServeSettings, is_loopback, resolve_token
 
 __all__ = [
     "LIMITS_TEXT",
