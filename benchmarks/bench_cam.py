@@ -4,7 +4,7 @@ Usage:
     python benchmarks/bench_cam.py                       # resnet18, 256 px, batch 16, CPU
     python benchmarks/bench_cam.py --device cuda --repeats 5
 
-Times ``compute_cam(model, x, method=..., normalize=True)`` (probabilities + heatmaps at the
+Times ``compute_cam(model, x, method=..., scale_to_max=True)`` (probabilities + heatmaps at the
 input size) on random weights and random images: the cost does not depend on what the weights
 learnt. One warm-up batch per method, then the median of ``--repeats`` timed batches, divided
 by the batch size. ScoreCAM runs one forward pass per feature channel (512 for resnet18) per
@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from pneumoloc.augment import normalise
 from pneumoloc.cam import CAM_METHODS, compute_cam
+from pneumoloc.io.preprocess import to_model_input
 from pneumoloc.models import build_model
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = build_model(args.model).to(device).eval()
     images = torch.randint(0, 256, (args.batch, 1, args.size, args.size), dtype=torch.uint8)
-    x = normalise(images).to(device)
+    x = to_model_input(images).to(device)
 
     def forward() -> None:
         with torch.inference_mode():
@@ -68,7 +68,11 @@ def main() -> None:
     for method in args.methods:
         n = args.scorecam_batch if method == "scorecam" else args.batch
         cases.append(
-            (method, n, functools.partial(compute_cam, model, x[:n], method=method, normalize=True))
+            (
+                method,
+                n,
+                functools.partial(compute_cam, model, x[:n], method=method, scale_to_max=True),
+            )
         )
     fast = [c for c in cases if c[0] != "scorecam"]
     for _, _, fn in fast:

@@ -40,19 +40,19 @@ import numpy as np
 import onnxruntime
 import torch
 
-from pneumoloc.boxes import cam_to_boxes
-from pneumoloc.checkpoint import save_checkpoint
 from pneumoloc.errors import CheckpointError
 from pneumoloc.export import export_onnx
-from pneumoloc.inference import BasePredictor, prediction_overlay, resolve_checkpoint
+from pneumoloc.inference import BasePredictor, resolve_checkpoint
+from pneumoloc.inference.loading import default_batch_size, load_predictor
+from pneumoloc.localise.boxes import cam_to_boxes
 from pneumoloc.models import build_model
+from pneumoloc.models.checkpoint import save_checkpoint
 from pneumoloc.predict import (
     _png_bytes,
-    default_batch_size,
-    load_backend,
     predict_paths,
     read_input,
 )
+from pneumoloc.report.overlay import prediction_overlay
 
 DEFAULT_FOLDER = Path("../shared/data/rsna-pneumonia-sample/stage_2_train_images")
 
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     predictors = {
-        "torch": load_backend(ckpt, "torch", device="cpu", batch_size=args.batch_size),
-        "onnx": load_backend(onnx_path, "onnx", batch_size=args.batch_size, threads=args.threads),
+        "torch": load_predictor(ckpt, "torch", device="cpu", batch_size=args.batch_size),
+        "onnx": load_predictor(onnx_path, "onnx", batch_size=args.batch_size, threads=args.threads),
     }
     size = predictors["torch"].image_size
     shape = read_input(dicom, size).original_shape

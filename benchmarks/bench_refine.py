@@ -24,8 +24,8 @@ import torch
 from scipy import ndimage
 
 from pneumoloc.data.synthetic import SynthConfig, make_case
-from pneumoloc.lungs import restrict_to_lungs
-from pneumoloc.refine import random_walk_refine
+from pneumoloc.localise.lungs import restrict_to_lungs
+from pneumoloc.localise.refine import random_walk_refine
 
 
 def main() -> None:

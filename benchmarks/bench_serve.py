@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from pneumoloc.checkpoint import save_checkpoint
 from pneumoloc.models import build_model
+from pneumoloc.models.checkpoint import save_checkpoint
 
 RSNA_IMAGES = (
     Path(__file__).resolve().parents[2]

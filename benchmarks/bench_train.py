@@ -17,8 +17,8 @@ import tempfile
 
 import torch
 
-from pneumoloc.config import load_train_config
 from pneumoloc.train import train
+from pneumoloc.training.config import load_train_config
 
 
 def main() -> None:

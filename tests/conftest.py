@@ -84,8 +84,8 @@ def save_untrained_checkpoint(
     """A seeded, untrained model whose positive head on ReLU features gives non-flat CAMs."""
     import torch
 
-    from pneumoloc.checkpoint import save_checkpoint
     from pneumoloc.models import build_model
+    from pneumoloc.models.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     model = build_model(name)
@@ -127,7 +127,7 @@ def train_on_planted_squares(model: Any, steps: int, lr: float = 3e-3) -> Any:
     """``steps`` AdamW steps of BCE on fresh ``planted_square_batch`` batches of 16."""
     import torch
 
-    from pneumoloc.augment import normalise
+    from pneumoloc.io.preprocess import to_model_input
 
     generator = torch.Generator().manual_seed(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -135,7 +135,7 @@ def train_on_planted_squares(model: Any, steps: int, lr: float = 3e-3) -> Any:
     for _ in range(steps):
         images, labels, _ = planted_square_batch(generator, 16)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(normalise(images)), labels
+            model(to_model_input(images)), labels
         )
         optimizer.zero_grad()
         loss.backward()

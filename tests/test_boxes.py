@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumoloc.boxes import BOX_RULES, BoxConfig, ScoredBoxes, cam_to_boxes, cam_to_boxes_batch, nms
 from pneumoloc.errors import ConfigError
+from pneumoloc.localise.boxes import (
+    BOX_RULES,
+    BoxConfig,
+    ScoredBoxes,
+    cam_to_boxes,
+    cam_to_boxes_batch,
+    nms,
+)
 from pneumoloc.metrics import iou_matrix
 
 SIZE = 128

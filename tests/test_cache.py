@@ -15,6 +15,7 @@ from pneumoloc.data.cache import open_cache, prepare_cache, resolve_cache
 from pneumoloc.data.datasets import ImageLabelDataset, training_dataset
 from pneumoloc.errors import CacheError
 from pneumoloc.io import read_xray
+from pneumoloc.io.preprocess import resize_square
 
 
 def test_round_trip_folder(folder_dataset: Path, tmp_path: Path) -> None:
@@ -24,7 +25,7 @@ def test_round_trip_folder(folder_dataset: Path, tmp_path: Path) -> None:
     assert cache.labels.sum() == 6
     # Row content equals reading + resizing the file directly.
     row = 3
-    direct = cache_mod.resize_square(read_xray(cache.table["path"][row]).pixels, 32)
+    direct = resize_square(read_xray(cache.table["path"][row]).pixels, 32)
     np.testing.assert_array_equal(cache.images[row], direct)
     assert tuple(cache.original_shapes[row]) == (48, 48)
     reopened = open_cache(tmp_path / "c")

@@ -245,7 +245,7 @@ def test_eigencam_ignores_target_and_normalize_scales_to_one(
 ) -> None:
     model = _planted_net()
     x, _ = _planted_images()
-    _, heat = compute_cam(model, x, method="cam", normalize=True)
+    _, heat = compute_cam(model, x, method="cam", scale_to_max=True)
     torch.testing.assert_close(heat.amax(dim=(1, 2)), torch.ones(2))
     _, eigen = compute_cam(nets["resnet18"], _images(2), method="eigencam")
     assert eigen.shape == (2, SIZE, SIZE) and torch.isfinite(eigen).all()
@@ -307,15 +307,15 @@ def test_multi_stage_layercam_finds_the_planted_opacity() -> None:
     where an untrained one follows the brighter distractor; output shape, range and device are
     the single-layer method's."""
     from conftest import planted_square_batch, planted_square_hits, train_on_planted_squares
-    from pneumoloc.augment import normalise
     from pneumoloc.cam import stage_layers
+    from pneumoloc.io.preprocess import to_model_input
 
     def hits(steps: int) -> int:
         torch.manual_seed(1)
         model = train_on_planted_squares(build_model("smallcamnet"), steps)
         images, _, corners = planted_square_batch(torch.Generator().manual_seed(2), 16)
         probs, maps = compute_cam(
-            model, normalise(images), method="layercam", target_layers=stage_layers(model)
+            model, to_model_input(images), method="layercam", target_layers=stage_layers(model)
         )
         assert probs.shape == (16,) and maps.shape == (16, 32, 32)
         assert maps.min() >= 0 and maps.max() <= 1 + 1e-6

@@ -15,15 +15,15 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import write_folder_dataset
 from pneumoloc import DISCLAIMER
-from pneumoloc.boxes import BoxConfig, ScoredBoxes
 from pneumoloc.cli import main
-from pneumoloc.config import load_train_config
 from pneumoloc.data.cache import open_cache, prepare_cache
 from pneumoloc.errors import ConfigError
 from pneumoloc.evaluate import TUNING_GRID, EvalPredictions, evaluate, tune_box_config
 from pneumoloc.inference import Predictor
+from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes
 from pneumoloc.metrics import rsna_map
 from pneumoloc.train import train
+from pneumoloc.training.config import load_train_config
 
 SIZE = 32
 

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from conftest import save_untrained_checkpoint
-from pneumoloc.boxes import BoxConfig
 from pneumoloc.cli import main
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.export import (
@@ -24,6 +23,7 @@ from pneumoloc.export import (
 )
 from pneumoloc.inference import Predictor
 from pneumoloc.io import read_xray
+from pneumoloc.localise.boxes import BoxConfig
 from pneumoloc.metrics.localisation import iou_matrix
 
 SIZE = 64

@@ -7,7 +7,7 @@ import pytest
 
 from pneumoloc.data.anatomy import lung_field_mask
 from pneumoloc.data.synthetic import SynthConfig, make_case
-from pneumoloc.lungs import estimate_lung_mask
+from pneumoloc.localise.lungs import estimate_lung_mask
 
 
 def test_covers_the_synthetic_lung_fields() -> None:
@@ -38,7 +38,7 @@ def test_rejects_non_2d() -> None:
 
 
 def test_restrict_to_lungs_zeroes_outside_and_renormalises() -> None:
-    from pneumoloc.lungs import restrict_to_lungs
+    from pneumoloc.localise.lungs import restrict_to_lungs
 
     case = make_case(SynthConfig(n=1, image_size=64, seed=2), 0)
     blank = np.full((64, 64), 128, np.uint8)

@@ -226,7 +226,7 @@ def test_topk_pooling_is_the_mean_of_the_strongest_locations() -> None:
 
 
 def test_attention_pooling_is_exact_and_trains_to_find_a_planted_opacity() -> None:
-    from pneumoloc.augment import normalise
+    from pneumoloc.io.preprocess import to_model_input
 
     torch.manual_seed(0)
     model = build_model("smallcamnet", pool="attention")
@@ -251,7 +251,7 @@ def test_attention_pooling_is_exact_and_trains_to_find_a_planted_opacity() -> No
         images, _, corners = planted_square_batch(torch.Generator().manual_seed(2), 16)
         model.eval()
         with torch.no_grad():
-            _, cam = model.forward_with_cam(normalise(images))
+            _, cam = model.forward_with_cam(to_model_input(images))
         return planted_square_hits(cam, corners)
 
     assert hits_after(0) <= 2

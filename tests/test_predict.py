@@ -19,14 +19,13 @@ from pneumoloc.cli import main
 from pneumoloc.data.synthetic import SynthConfig, make_case, write_dicom
 from pneumoloc.errors import CheckpointError, ConfigError, DataError
 from pneumoloc.inference import Predictor
+from pneumoloc.inference.loading import default_batch_size, load_predictor
 from pneumoloc.io import read_xray
 from pneumoloc.predict import (
     SUMMARY_COLUMNS,
     InputFile,
     assign_ids,
     collect_inputs,
-    default_batch_size,
-    load_backend,
     predict_paths,
 )
 
@@ -199,14 +198,16 @@ def test_cli_predict_exit_codes(
 def test_missing_default_model_is_a_clear_error(
     mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("pneumoloc.inference.DEFAULT_WEIGHTS", tmp_path / "absent" / "default.pt")
+    monkeypatch.setattr(
+        "pneumoloc.inference.base.DEFAULT_WEIGHTS", tmp_path / "absent" / "default.pt"
+    )
     with pytest.raises(CheckpointError, match="default model is not installed"):
-        load_backend("default")
+        load_predictor("default")
     with caplog.at_level(logging.ERROR):
         code = main(["predict", str(mixed / "case0.dcm"), "--out", str(tmp_path / "o"), "--quiet"])
     assert code == 2 and "default model is not installed" in caplog.text
     with pytest.raises(CheckpointError, match="no default ONNX model"):
-        load_backend("default", "onnx")
+        load_predictor("default", "onnx")
 
 
 def test_default_batch_size_is_one_on_the_cpu() -> None:
@@ -217,16 +218,16 @@ def test_default_batch_size_is_one_on_the_cpu() -> None:
 
 def test_backend_option_errors(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="backend"):
-        load_backend(checkpoint, "tensorflow")
+        load_predictor(checkpoint, "tensorflow")
     with pytest.raises(ConfigError, match="--backend onnx"):
-        load_backend(tmp_path / "model.onnx", "torch")
+        load_predictor(tmp_path / "model.onnx", "torch")
     with pytest.raises(ConfigError, match="CPU"):
-        load_backend(tmp_path / "model.onnx", "onnx", device="cuda")
+        load_predictor(tmp_path / "model.onnx", "onnx", device="cuda")
     with pytest.raises(ConfigError, match="device"):
-        load_backend(checkpoint, device="tpu")
+        load_predictor(checkpoint, device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
-            load_backend(checkpoint, device="cuda")
+            load_predictor(checkpoint, device="cuda")
 
 
 def test_ids_are_safe_unique_and_never_overwrite_inputs(tmp_path: Path) -> None:
@@ -363,9 +364,9 @@ def test_identifying_tags_are_written_only_when_asked(
 def test_open_errors_and_reader_bugs_are_failed_rows(
     mixed: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pneumoloc.io
+    import pneumoloc.io.reader
 
-    real = pneumoloc.io.read_xray
+    real = pneumoloc.io.reader.read_xray
 
     def flaky(path: Path, **kwargs: object) -> object:
         if Path(path).stem == "case0":
@@ -374,13 +375,17 @@ def test_open_errors_and_reader_bugs_are_failed_rows(
             raise RuntimeError("a reader bug")
         return real(path, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pneumoloc.io, "read_xray", flaky)
+    monkeypatch.setattr(pneumoloc.io.reader, "read_xray", flaky)
     files = [mixed / "case0.dcm", mixed / "case1.dcm", mixed / "case2.dcm"]
-    result = predict_paths(files, tmp_path, model=checkpoint, workers=2, progress=False)
-    assert [r.status for r in result.rows] == ["failed", "failed", "ok"]
-    assert "cannot open the file (Permission denied)" in result.rows[0].error
-    assert result.rows[1].error == "RuntimeError: a reader bug"
-    assert result.exit_code == 1
+    for overlays in (False, True):  # the model's decode, then also the overlay's second decode
+        out = tmp_path / str(overlays)
+        result = predict_paths(
+            files, out, model=checkpoint, workers=2, progress=False, overlays=overlays
+        )
+        assert [r.status for r in result.rows] == ["failed", "failed", "ok"]
+        assert "cannot open the file (Permission denied)" in result.rows[0].error
+        assert result.rows[1].error == "RuntimeError: a reader bug"
+        assert result.exit_code == 1
 
 
 def test_box_gate_f1_withholds_boxes_below_the_box_threshold(tmp_path: Path) -> None:

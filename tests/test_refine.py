@@ -10,7 +10,7 @@ import torch
 
 from conftest import save_untrained_checkpoint
 from pneumoloc.errors import ConfigError
-from pneumoloc.refine import RandomWalkConfig, random_walk_refine, refine_heatmaps
+from pneumoloc.localise.refine import RandomWalkConfig, random_walk_refine, refine_heatmaps
 
 S = 128
 OPACITY = (20, 40, 55, 90)  # x0, y0, x1, y1 of the planted opacity in the left lung

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoloc.boxes import ScoredBoxes
 from pneumoloc.errors import ConfigError, DataError
+from pneumoloc.localise.boxes import ScoredBoxes
 from pneumoloc.metrics.localisation import iou_matrix
 from pneumoloc.models import build_model
 from pneumoloc.selftrain import (

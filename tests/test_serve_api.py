@@ -22,12 +22,12 @@ from fastapi.testclient import TestClient
 
 from conftest import crafted_png
 from pneumoloc import DISCLAIMER
-from pneumoloc.checkpoint import save_checkpoint
 from pneumoloc.cli import main
 from pneumoloc.data.synthetic import SynthConfig, generate_rsna
 from pneumoloc.errors import ConfigError
 from pneumoloc.inference import Predictor
 from pneumoloc.models import build_model
+from pneumoloc.models.checkpoint import save_checkpoint
 from pneumoloc.serve import LIMITS_TEXT, ServeSettings, create_app, is_loopback, resolve_token
 
 TOKEN = "s3cret-token"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoloc.checkpoint import save_checkpoint
 from pneumoloc.cli import main
 from pneumoloc.errors import CsvValidationError, DataError
 from pneumoloc.inference import Predictor
 from pneumoloc.io import read_xray
 from pneumoloc.models import build_model
+from pneumoloc.models.checkpoint import save_checkpoint
 from pneumoloc.submit import format_prediction_string, submit, validate_submission
 
 SIZE = 32  # model input; the synthetic images are 64 px

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conftest import write_folder_dataset
-from pneumoloc.augment import normalise
-from pneumoloc.checkpoint import load_checkpoint, model_from_checkpoint
-from pneumoloc.config import TrainConfig, load_train_config
 from pneumoloc.data.cache import prepare_cache
 from pneumoloc.errors import CheckpointError, ConfigError, DataError
+from pneumoloc.io.preprocess import to_model_input
 from pneumoloc.models import build_model
+from pneumoloc.models.checkpoint import load_checkpoint, model_from_checkpoint
 from pneumoloc.train import bce_or_focal, train
+from pneumoloc.training.config import TrainConfig, load_train_config
 
 BACKBONES = [
     "smallcamnet",
@@ -46,7 +46,7 @@ def test_backbone_trains_and_loss_falls(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name)
     images, labels = _easy_batch(n=8)
-    x = normalise(images)
+    x = to_model_input(images)
     # The notebook's network has no normalisation layers and needs a larger step.
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if name == "smallcamnet" else 1e-3)
     model.train()

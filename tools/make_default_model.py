@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pneumoloc.recipe import DEFAULT_INFERENCE_RECIPE
+from pneumoloc.inference.recipe import DEFAULT_INFERENCE_RECIPE
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
     }
     payload.pop("training_state", None)
-    payload.update(DEFAULT_INFERENCE_RECIPE)
+    payload.update(DEFAULT_INFERENCE_RECIPE.to_meta())
     payload["model_card"] = "docs/model_card.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, args.out)

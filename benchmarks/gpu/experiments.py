@@ -98,7 +98,7 @@ INFER_VARIANTS: dict[str, dict[str, Any]] = {
         "cam": "gradcam++",
         "box": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
     },
-    # Refinement: image-guided random walk (pneumoloc.refine), then the lung mask.
+    # Refinement: image-guided random walk (pneumoloc.localise.refine), then the lung mask.
     "lung_rw_peak0.5_split2": {
         "lung": True,
         "refine": "randomwalk",
@@ -146,8 +146,8 @@ def _train_job(args: tuple[str, int, str, int, str, dict[str, Any]]) -> dict[str
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import torch
 
-    from pneumoloc.config import load_train_config
     from pneumoloc.train import train
+    from pneumoloc.training.config import load_train_config
 
     run = Path(out_dir) / f"{variant}-s{seed}"
     config = load_train_config(
@@ -211,9 +211,9 @@ def _evaluate_model(
     ``pneumoloc.selftrain`` wrote; variants with a "detector" key need it. ``box_threshold``
     (F1-optimal on the validation image labels) is used by variants with ``"gate": "f1"``.
     """
-    from pneumoloc.boxes import BoxConfig
     from pneumoloc.data.cache import open_cache
     from pneumoloc.inference import Predictor
+    from pneumoloc.localise.boxes import BoxConfig
     from pneumoloc.metrics.classification import classification_metrics
     from pneumoloc.metrics.localisation import localisation_metrics
 
@@ -239,24 +239,25 @@ def _evaluate_model(
             spec.get("refine"),
             spec.get("cam_layers"),
         )
-        settings = {
+        recipe = {
             "cam_method": key[0],
             "tta": key[1],
             "lung_mask": key[2],
             "refine": key[3],
             "cam_layers": key[4],
             "box_config": (tuned or {})[name] if spec.get("tune") else BoxConfig(**spec["box"]),
-            "batch_size": 32,
         }
         source = (detectors or {})[detector_round] if detector_round else checkpoint
         if source not in loaded:  # each checkpoint is read once; variants only change settings
             loaded[source] = Predictor.from_checkpoint(source, use_detector=bool(detector_round))
         base = loaded[source]
-        predictor = dataclasses.replace(base, meta=dict(base.meta), **settings)
+        predictor = dataclasses.replace(
+            base, meta=dict(base.meta), recipe=base.recipe.replace(**recipe), batch_size=32
+        )
         if spec.get("gate") == "f1":
             if box_threshold is None:
                 continue
-            predictor.box_gate = "f1"
+            predictor.recipe = predictor.recipe.replace(box_gate="f1")
             predictor.meta["box_threshold"] = box_threshold
         if key not in maps_cache:
             maps_cache[key] = predictor.heatmaps(images)
@@ -273,7 +274,7 @@ def _evaluate_model(
         )
         # The same boxes gated by the TRUE label: how far a perfect classifier would get.
         predictor.threshold_override = 0.5
-        predictor.box_gate = "decision"
+        predictor.recipe = predictor.recipe.replace(box_gate="decision")
         oracle = predictor.draw_boxes(images, labels.astype(np.float64), maps, shapes)
         loc_oracle = localisation_metrics(
             [b.boxes for b in oracle], [b.scores for b in oracle], None, gts
@@ -295,10 +296,10 @@ def _evaluate_model(
 
 def _tune_on_val(checkpoint: str, cache_dir: str) -> dict[str, Any]:
     """Box settings of the "tune" variants, chosen by the RSNA score on the VALIDATION boxes."""
-    from pneumoloc.boxes import BoxConfig
     from pneumoloc.data.cache import open_cache
     from pneumoloc.evaluate import EvalPredictions, tune_box_config
     from pneumoloc.inference import Predictor
+    from pneumoloc.localise.boxes import BoxConfig
 
     cache = open_cache(cache_dir)
     rows = cache.split.part("val")
@@ -383,10 +384,10 @@ def throughput(
     import pandas as pd
     import torch
 
-    from pneumoloc.config import load_train_config
     from pneumoloc.data.cache import Cache, open_cache
     from pneumoloc.data.splits import Split
     from pneumoloc.train import train
+    from pneumoloc.training.config import load_train_config
 
     base = open_cache(cache_dir)
     reps = 20

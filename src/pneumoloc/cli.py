@@ -80,8 +80,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pneumoloc.config import load_train_config
     from pneumoloc.train import train
+    from pneumoloc.training.config import load_train_config
 
     overrides = {
         "data": str(args.data) if args.data else None,
@@ -165,11 +165,11 @@ def _image_size(text: str) -> int | None:
 
 def _box_overrides(args: argparse.Namespace) -> tuple[dict | None, bool | None]:
     """Box settings and lung-mask choice from the flags (None: the checkpoint's)."""
-    from pneumoloc.recipe import NOTEBOOK_RECIPE
+    from pneumoloc.inference.recipe import NOTEBOOK_BOX_RULE, NOTEBOOK_RECIPE
 
     if args.box_rule == "notebook":  # the original notebook's whole rule, not just its threshold
-        lung = NOTEBOOK_RECIPE["lung_mask"] if args.lung_mask is None else args.lung_mask
-        return dict(NOTEBOOK_RECIPE["box_config"]), lung
+        lung = NOTEBOOK_RECIPE.lung_mask if args.lung_mask is None else args.lung_mask
+        return dict(NOTEBOOK_BOX_RULE), lung
     return ({"rule": args.box_rule} if args.box_rule else None), args.lung_mask
 
 

@@ -33,11 +33,11 @@ def run_demo(
     Returns:
         The process exit status.
     """
-    from pneumoloc.config import load_train_config
     from pneumoloc.data.cache import prepare_cache
     from pneumoloc.data.synthetic import SynthConfig, generate_rsna
     from pneumoloc.evaluate import evaluate
     from pneumoloc.train import train
+    from pneumoloc.training.config import load_train_config
 
     started = time.perf_counter()
     model, model_size, epochs = "resnet18", min(128, image_size), 10

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from pneumoloc import DISCLAIMER, __version__
-from pneumoloc.boxes import BoxConfig, ScoredBoxes, cam_to_boxes_batch
 from pneumoloc.data.cache import Cache, resolve_cache
 from pneumoloc.data.records import safe_name
 from pneumoloc.errors import ConfigError, DataError
 from pneumoloc.inference import Predictor
+from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes, cam_to_boxes_batch
 
 logger = logging.getLogger(__name__)
 
@@ -436,15 +436,10 @@ def evaluate(
         kwargs["box_gate"] = box_gate
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
-    if cam_method is not None:
-        from pneumoloc.cam import CAM_METHODS
-
-        if cam_method not in CAM_METHODS:
-            raise ConfigError(
-                f"unknown CAM method {cam_method!r}; choose one of {list(CAM_METHODS)}"
-            )
     predictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)
-    predictor.box_config = _resolve_box_config(predictor, box_config)
+    predictor.recipe = predictor.recipe.replace(
+        box_config=_resolve_box_config(predictor, box_config)
+    )
     trained_size = predictor.image_size
     if image_size is not None and image_size != trained_size:
         logger.warning(
@@ -472,7 +467,7 @@ def evaluate(
             raise DataError(f"{cache.root}: the validation split is empty; nothing to tune on")
         val = predict_split(predictor, cache, val_rows, progress=progress, desc="tune on val")
         chosen, grid = tune_box_config(val, threshold, predictor.box_config)
-        predictor.box_config = chosen
+        predictor.recipe = predictor.recipe.replace(box_config=chosen)
         tuning = {
             "split": "val",
             "n_images": len(val),

@@ -4,7 +4,7 @@ The graph
 ---------
 * input ``image``: ``uint8`` of shape ``(B, 1, S, S)``, the raw 8-bit grayscale pixels of
   :func:`pneumoloc.io.read_xray` resized to the model's side ``S`` (0 = black air, 255 =
-  white bone). The intensity normalisation of :func:`pneumoloc.augment.normalise`
+  white bone). The intensity normalisation of :func:`pneumoloc.io.preprocess.to_model_input`
   (``(x / 255 - 0.5) / 0.25``) is *inside* the graph, so a caller cannot get it wrong, and
   uint8 is 4x less to copy than float32.
 * output ``probability``: ``float32 (B,)``, the sigmoid of the pneumonia logit.
@@ -20,7 +20,8 @@ threshold, model spec, intensity convention, box rule and pneumoloc versions (ke
 
 :class:`OnnxPredictor` runs such a file with ONNX Runtime on the CPU and shares everything after
 the network (decision, boxes, records) with the PyTorch :class:`pneumoloc.inference.Predictor`
-through :class:`pneumoloc.inference.BasePredictor`.
+through :class:`pneumoloc.inference.base.BasePredictor`; it lives in
+:mod:`pneumoloc.inference.onnx_backend` (re-exported here).
 """
 
 from __future__ import annotations
@@ -34,12 +35,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from pneumoloc.errors import CheckpointError, ConfigError
-from pneumoloc.inference import BasePredictor, stored_recipe
+from pneumoloc.inference.onnx_backend import (
+    INPUT_NAME,
+    META_KEYS,
+    ONNX_FORMAT,
+    OUTPUT_NAMES,
+    OnnxPredictor,
+    read_onnx_metadata,
+)
+from pneumoloc.inference.recipe import ONNX_RECIPE_FIELDS, InferenceRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +63,7 @@ __all__ = [
     "read_onnx_metadata",
 ]
 
-ONNX_FORMAT = "pneumoloc-cam-onnx/1"
-"""Value of the ``pneumoloc.format`` metadata entry of every file :func:`export_onnx` writes."""
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("probability", "heatmap")
 DEFAULT_OPSET = 18
-
-META_KEYS = {
-    "format": "pneumoloc.format",
-    "meta": "pneumoloc.meta",
-    "image_size": "pneumoloc.image_size",
-    "threshold": "pneumoloc.threshold",
-    "model": "pneumoloc.model",
-    "intensity": "pneumoloc.intensity",
-    "input": "pneumoloc.input",
-    "cam_method": "pneumoloc.cam_method",
-    "pneumoloc_version": "pneumoloc.pneumoloc_version",
-    "exported_by": "pneumoloc.exported_by",
-}
-"""``metadata_props`` keys. ``pneumoloc.meta`` is the JSON of the checkpoint metadata that
-describes the model; the others repeat its main fields for tools that show metadata."""
 
 # Checkpoint metadata copied into the ONNX file (never local paths or the training config).
 _META_FIELDS = (
@@ -81,13 +71,9 @@ _META_FIELDS = (
     "image_size",
     "threshold",
     "box_threshold",
-    "box_gate",
     "intensity",
     "label_names",
-    "box_config",
     "cam_layer",
-    "lung_mask",
-    "refine",
     "pneumoloc_version",
     "epoch",
 )
@@ -118,8 +104,8 @@ def _cam_graph(model: Any, image_size: int) -> Any:
     """The exported module: uint8 images -> (probability, heatmap), as ``Predictor`` does."""
     import torch
 
-    from pneumoloc.augment import normalise
     from pneumoloc.cam.classic import upsample_cam
+    from pneumoloc.io.preprocess import to_model_input
 
     class CamGraph(torch.nn.Module):
         def __init__(self) -> None:
@@ -128,8 +114,8 @@ def _cam_graph(model: Any, image_size: int) -> Any:
             self.size = int(image_size)
 
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, cam = self.model.forward_with_cam(normalise(image))
-            # pneumoloc.cam.classic_cam, then compute_cam(normalize=True), line for line.
+            logits, cam = self.model.forward_with_cam(to_model_input(image))
+            # pneumoloc.cam.classic_cam, then compute_cam(scale_to_max=True), line for line.
             heat = upsample_cam(cam, (self.size, self.size)).relu()
             peak = heat.amax(dim=(-2, -1), keepdim=True)
             heat = torch.where(peak > 0, heat / peak.clamp(min=1e-12), heat)
@@ -140,9 +126,11 @@ def _cam_graph(model: Any, image_size: int) -> Any:
 
 def _metadata(meta: dict[str, Any]) -> dict[str, str]:
     from pneumoloc import DISCLAIMER, __version__
-    from pneumoloc.augment import INTENSITY_CONVENTION
+    from pneumoloc.io.preprocess import INTENSITY_CONVENTION
 
     kept = {k: meta[k] for k in _META_FIELDS if k in meta}
+    # The recipe settings the graph and the backends run (stored recipe, or its defaults).
+    kept.update(InferenceRecipe.from_meta(meta).to_meta(ONNX_RECIPE_FIELDS))
     data = meta.get("data") or {}
     if isinstance(data, dict) and data:
         kept["data"] = {k: data[k] for k in _DATA_FIELDS if k in data}
@@ -199,8 +187,8 @@ def export_onnx(
     import onnx
     import torch
 
-    from pneumoloc.checkpoint import load_checkpoint, model_from_checkpoint
-    from pneumoloc.inference import resolve_checkpoint
+    from pneumoloc.inference.base import resolve_checkpoint
+    from pneumoloc.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     if opset < 17:
         raise ConfigError(f"opset must be >= 17, got {opset}")
@@ -310,135 +298,3 @@ def _compare(path: Path, graph: Any, size: int) -> tuple[float, float]:
         float(np.abs(probs - p_ref.numpy()).max()),
         float(np.abs(maps - h_ref.numpy()).max()),
     )
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The pneumoloc metadata stored in an exported ONNX file.
-
-    Raises:
-        CheckpointError: The file is missing, not ONNX, or not written by :func:`export_onnx`.
-    """
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: ONNX model not found")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others on a corrupt file
-        raise CheckpointError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    return _parse_metadata(path, {p.key: p.value for p in proto.metadata_props})
-
-
-def _parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
-    if props.get(META_KEYS["format"]) != ONNX_FORMAT:
-        raise CheckpointError(
-            f"{path}: not a pneumoloc ONNX model (make one with `pneumoloc export CKPT --onnx`)"
-        )
-    try:
-        meta: dict[str, Any] = json.loads(props[META_KEYS["meta"]])
-        meta["image_size"] = int(meta["image_size"])
-        meta["threshold"] = float(meta["threshold"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed pneumoloc ONNX metadata ({exc})") from None
-    return meta
-
-
-@dataclass(kw_only=True)
-class OnnxPredictor(BasePredictor):
-    """An exported model run by ONNX Runtime on the CPU.
-
-    Decisions, boxes and records come from :class:`pneumoloc.inference.BasePredictor`, as for
-    the PyTorch backend; only :meth:`heatmaps` differs. Only the classic CAM (method "cam",
-    no test-time augmentation) is in the graph.
-
-    Attributes:
-        session: The ``onnxruntime.InferenceSession``.
-        meta: The metadata stored in the ONNX file (see :func:`read_onnx_metadata`).
-        box_config: The heatmap -> boxes rule (default: the stored one).
-        batch_size: Images per ``session.run``.
-    """
-
-    backend: ClassVar[str] = "onnx"
-
-    session: Any
-
-    def __post_init__(self) -> None:
-        if self.cam_method != "cam":
-            raise ConfigError(
-                f"the ONNX backend computes the classic CAM only; --cam {self.cam_method!r} "
-                "needs the torch backend"
-            )
-        if self.tta:
-            raise ConfigError("the ONNX backend has no test-time augmentation")
-        if self.cam_layers not in (None, "final"):
-            raise ConfigError("the ONNX backend has no multi-stage CAM fusion (--cam-layers)")
-
-    @classmethod
-    def from_onnx(
-        cls, path: str | Path, *, threads: int | None = None, **kwargs: Any
-    ) -> OnnxPredictor:
-        """Open an exported model.
-
-        Args:
-            path: The ``.onnx`` file written by :func:`export_onnx`.
-            threads: ONNX Runtime intra-op threads (default: the cores this process may use).
-            **kwargs: Dataclass fields (``box_config``, ``batch_size``, ...).
-
-        Raises:
-            CheckpointError: Missing file, not a pneumoloc ONNX model.
-        """
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: ONNX model not found")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _available_cores()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No busy-waiting between runs: predict decodes files in other threads meanwhile, and
-        # spinning threads starve them (and any PyTorch model in the process) for ~1 ms gained.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CheckpointError(
-                f"{path}: ONNX Runtime cannot load it ({type(exc).__name__})"
-            ) from None
-        meta = _parse_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
-        meta["checkpoint_path"] = str(path)
-        # The file's metadata holds only settings this backend runs (cam_method is "cam").
-        kwargs = stored_recipe(meta, kwargs)
-        kwargs.setdefault("cam_method", "cam")
-        return cls(session=session, meta=meta, **kwargs)
-
-    def heatmaps(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
-        arr = np.asarray(images.numpy() if hasattr(images, "numpy") else images)
-        if arr.ndim == 3:
-            arr = arr[:, None]
-        s = self.image_size
-        if arr.ndim != 4 or arr.shape[1:] != (1, s, s):
-            raise ValueError(f"expected uint8 images (B, {s}, {s}), got shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images, got {arr.dtype}")
-        if len(arr) == 0:
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
-        probs, maps = [], []
-        for start in range(0, len(arr), self.batch_size):
-            chunk = np.ascontiguousarray(arr[start : start + self.batch_size])
-            p, h = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
-            probs.append(p)
-            maps.append(h)
-        # The same post-processing as the torch backend.
-        heatmaps = self.postprocess(arr[:, 0], np.concatenate(maps).astype(np.float32))
-        return np.concatenate(probs).astype(np.float32), heatmaps
-
-
-def _available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)

@@ -6,7 +6,7 @@ For every input image, under ``--out``:
   model's threshold, boxes in ORIGINAL pixel coordinates with confidences, CAM method, model
   id and versions) plus the sanitised ``source`` and the ``backend``;
 * ``<id>.png`` (unless ``overlays=False``): the X-ray with the heatmap and its colour scale,
-  the boxes, the probability and the decision (:func:`pneumoloc.inference.prediction_overlay`);
+  the boxes, the probability and the decision (:func:`pneumoloc.report.overlay.prediction_overlay`);
 
 and one ``summary.csv`` for the run, one row per input in input order, with the columns of
 :data:`SUMMARY_COLUMNS`. A file that cannot be read (corrupt, truncated, not an image,
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from pneumoloc.errors import CheckpointError, ConfigError, DataError, ImageReadError
+from pneumoloc.errors import ConfigError, DataError, ImageReadError
 
 if TYPE_CHECKING:
     from pneumoloc.inference import BasePredictor, Prediction
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BACKENDS",
     "IDENTIFIER_KEYWORDS",
     "SUMMARY_COLUMNS",
     "SUMMARY_NAME",
@@ -72,9 +71,7 @@ __all__ = [
     "ReadResult",
     "assign_ids",
     "collect_inputs",
-    "default_batch_size",
     "dicom_identifiers",
-    "load_backend",
     "predict_paths",
     "read_input",
 ]
@@ -83,7 +80,6 @@ SUMMARY_NAME = "summary.csv"
 SUMMARY_COLUMNS = ("id", "source", "probability", "decision", "n_boxes", "status", "error")
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
-BACKENDS = ("torch", "onnx")
 
 OVERLAY_SIDE = 512
 """Long side, in pixels, of the X-ray drawn in an overlay (smaller images are not enlarged
@@ -336,7 +332,7 @@ def _display_pixels(path: Path, first: np.ndarray, original: tuple[int, int]) ->
     """The overlay's X-ray: long side :data:`OVERLAY_SIDE` at most, decoded at that size."""
     from PIL import Image
 
-    from pneumoloc.io import read_xray
+    from pneumoloc.io.reader import read_xray
 
     pixels = first
     wanted = min(OVERLAY_SIDE, max(original))
@@ -359,7 +355,7 @@ def read_input(
 ) -> ReadResult:
     """Decode one file for the model exactly as the cache and ``submit`` do, never raising.
 
-    ``read_xray(path, min_size=size)`` then ``resize_square`` to ``size``: the same pixels as
+    :func:`pneumoloc.io.preprocess.load_resized`: the same pixels as
     :meth:`pneumoloc.inference.Predictor.predict_xrays` and the training cache see.
 
     Args:
@@ -371,14 +367,12 @@ def read_input(
     Returns:
         The pixels, or the reason of a failure in ``error``.
     """
-    from pneumoloc.data.cache import resize_square
-    from pneumoloc.io import read_xray
+    from pneumoloc.io.preprocess import load_resized
 
     path = Path(path)
     try:
-        image = read_xray(path, min_size=size)
+        pixels, image = load_resized(path, size)
         h, w = (int(v) for v in image.original_shape)
-        pixels = resize_square(image.pixels, size)
         shown = _display_pixels(path, image.pixels, (h, w)) if display else None
     except ImageReadError as exc:
         return ReadResult(error=_display(exc.reason))
@@ -389,105 +383,6 @@ def read_input(
         return ReadResult(error=_display(f"{type(exc).__name__}: {exc}"))
     ids = dicom_identifiers(path) if keep_identifiers and image.source_format == "dicom" else None
     return ReadResult(pixels=pixels, display=shown, original_shape=(h, w), identifiers=ids)
-
-
-# --------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------
-
-GPU_BATCH_SIZE = 8
-CPU_BATCH_SIZE = 1
-
-
-def default_batch_size(backend: str, device: str) -> int:
-    """Images per forward pass when none is asked for: 8 on a GPU, 1 on the CPU.
-
-    On a 2-core CPU, batching does not pay: per image, the shipped efficientnet_b0 (output
-    stride 8) takes ~47 ms at batch 1 and ~105 ms at batch 8 with PyTorch (its large feature
-    maps overflow the caches), ONNX Runtime ~26 vs ~29 ms, resnet18 ~19 vs ~22 ms
-    (``benchmarks/bench_predict.py``).
-    """
-    if backend != "torch" or device == "cpu":
-        return CPU_BATCH_SIZE
-    if device.startswith("cuda"):
-        return GPU_BATCH_SIZE
-    import torch
-
-    return GPU_BATCH_SIZE if torch.cuda.is_available() else CPU_BATCH_SIZE
-
-
-def load_backend(
-    model: str | Path = "default",
-    backend: str = "torch",
-    *,
-    device: str = "auto",
-    cam_method: str | None = None,
-    batch_size: int | None = None,
-    threads: int | None = None,
-) -> BasePredictor:
-    """A predictor for ``backend``: a checkpoint run by PyTorch, or an ``.onnx`` by ONNX Runtime.
-
-    Args:
-        model: Checkpoint (torch) or exported ``.onnx`` file (onnx); "default" is the model
-            shipped in the package (``weights/default.pt``, or ``weights/default.onnx``).
-        backend: "torch" or "onnx".
-        device: "auto", "cpu" or "cuda" (torch; the onnx backend runs on the CPU).
-        cam_method: Heatmap method (default: the model's; the onnx backend has "cam" only).
-        batch_size: Images per forward pass (default: see :func:`default_batch_size`).
-        threads: ONNX Runtime intra-op threads (default: the available cores). The torch
-            backend uses torch's process-wide setting (see :func:`predict_paths`).
-
-    Raises:
-        ConfigError: Unknown backend, bad batch size, or an option the backend lacks.
-        CheckpointError: The model is missing or unreadable.
-    """
-    from pneumoloc.inference import DEFAULT_MODEL, DEFAULT_WEIGHTS, Predictor
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    batch_size = default_batch_size(backend, device) if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    is_default = str(model) == DEFAULT_MODEL
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if cam_method is not None:
-        kwargs["cam_method"] = cam_method
-    if backend == "onnx":
-        from pneumoloc.export import OnnxPredictor
-
-        if device not in ("auto", "cpu"):
-            raise ConfigError(f"the onnx backend runs on the CPU; --device {device} needs torch")
-        path = DEFAULT_WEIGHTS.with_suffix(".onnx") if is_default else Path(model)
-        if is_default and not path.is_file():
-            raise CheckpointError(
-                f"{path}: no default ONNX model is installed; make one with "
-                "`pneumoloc export default --onnx model.onnx` and pass --model model.onnx"
-            )
-        return OnnxPredictor.from_onnx(path, threads=threads, **kwargs)
-    if str(model).lower().endswith(".onnx"):
-        raise ConfigError(f"{model}: an ONNX model needs --backend onnx")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA GPU is available; use auto or cpu")
-    if cam_method is not None:
-        from pneumoloc.cam import CAM_METHODS
-
-        if cam_method not in CAM_METHODS:
-            raise ConfigError(
-                f"unknown CAM method {cam_method!r}; choose one of {list(CAM_METHODS)}"
-            )
-    try:
-        return Predictor.from_checkpoint(None if is_default else model, device=device, **kwargs)
-    except CheckpointError as exc:
-        if is_default:
-            raise CheckpointError(
-                f"{exc}; pass a checkpoint with --model PATH (train one with `pneumoloc train`)"
-            ) from None
-        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -556,7 +451,8 @@ def _write_outputs(
     overlays: bool,
 ) -> PredictRow:
     """Write the JSON record (and overlay) of one prediction; return its summary row."""
-    from pneumoloc.inference import prediction_overlay, prediction_record
+    from pneumoloc.inference import prediction_record
+    from pneumoloc.report.overlay import prediction_overlay
 
     record: dict[str, Any] = {"id": image_id, "source": item.source}
     record.update(prediction_record(prediction, predictor, image_id=image_id))
@@ -643,12 +539,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 def predict_paths(
     inputs: Iterable[str | Path],
     out: str | Path,
@@ -670,7 +560,7 @@ def predict_paths(
         inputs: Files and folders (searched recursively) of DICOM, PNG or JPEG images.
         out: Output folder (created).
         model: Checkpoint, exported ``.onnx`` (with ``backend="onnx"``), or "default".
-        backend: "torch" or "onnx" (see :func:`load_backend`).
+        backend: "torch" or "onnx" (see :func:`pneumoloc.inference.load_predictor`).
         cam_method: Heatmap method (default: the model's).
         device: "auto" (GPU if available), "cpu" or "cuda"; torch backend only.
         batch_size: Images per forward pass (default: see :func:`default_batch_size`).
@@ -689,9 +579,12 @@ def predict_paths(
 
     Raises:
         DataError: An input does not exist, no image was found, or ``out`` is a file.
-        ConfigError, CheckpointError: See :func:`load_backend`.
+        ConfigError, CheckpointError: See :func:`pneumoloc.inference.load_predictor`.
     """
     from tqdm.auto import tqdm
+
+    from pneumoloc._runtime import available_cores
+    from pneumoloc.inference.loading import default_batch_size, load_predictor
 
     started = time.perf_counter()
     out_dir = Path(out)
@@ -703,12 +596,12 @@ def predict_paths(
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
     batch_size = default_batch_size(backend, device) if batch_size is None else batch_size
-    predictor = load_backend(
+    predictor = load_predictor(
         model, backend, device=device, cam_method=cam_method, batch_size=batch_size, threads=threads
     )
     ids = assign_ids(files, out_dir)
     size = predictor.image_size
-    n_workers = workers if workers is not None else _available_cores()
+    n_workers = workers if workers is not None else available_cores()
     rows: list[PredictRow | None] = [None] * len(files)
     batch: list[tuple[int, ReadResult]] = []
     writes: deque[tuple[int, Future[PredictRow]]] = deque()

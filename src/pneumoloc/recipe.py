@@ -1,35 +1,12 @@
-"""The default inference recipe, chosen by the localisation ablation (docs/localisation.md).
-
-Round 1 (GPU, 3 seeds) chose the lung mask, peak-fraction 0.5 boxes, the midline split and at
-most 2 boxes; round 2 (CPU, 192 px, 3 seeds x 4 training variants) added the image-guided
-random-walk refinement, which scored at least as high on the validation split of 4 of the 5
-models it was tried on (higher on 3, the shipped model included) and 0.010 vs 0.011 on the fifth.
-
-Written into every checkpoint ``pneumoloc train`` saves (and into the shipped default model), so
-``evaluate``, ``predict``, ``submit`` and ``serve`` use it unless told otherwise.
+"""Deprecated alias of :mod:`pneumoloc.inference.recipe` (pneumoloc 0.1's path; goes in the
+next release). The recipes were plain dicts in 0.1 and are returned as such here
+(``InferenceRecipe.to_meta()``); the new module has them as :class:`InferenceRecipe`.
 """
 
-from __future__ import annotations
+from pneumoloc._compat import moved_attribute
 
-from typing import Any
 
-DEFAULT_INFERENCE_RECIPE: dict[str, Any] = {
-    "cam_method": "cam",
-    "lung_mask": True,
-    "refine": "randomwalk",
-    "cam_layers": None,
-    "box_gate": "decision",
-    "tta": False,
-    "box_config": {"rule": "peak", "peak_fraction": 0.5, "split_midline": True, "max_boxes": 2},
-}
-
-NOTEBOOK_RECIPE: dict[str, Any] = {
-    "cam_method": "cam",
-    "lung_mask": False,
-    "refine": None,
-    "cam_layers": None,
-    "box_gate": "decision",
-    "tta": False,
-    "box_config": {"rule": "notebook", "notebook_std": 0.5, "split_midline": False, "max_boxes": 3},
-}
-"""The original notebook's rule: CAM thresholded at mean + 0.5 std, connected components."""
+def __getattr__(name: str) -> object:
+    value = moved_attribute(__name__, name, {"*": "pneumoloc.inference.recipe"})
+    to_meta = getattr(value, "to_meta", None)
+    return to_meta() if callable(to_meta) and not isinstance(value, type) else value

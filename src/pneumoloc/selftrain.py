@@ -22,18 +22,26 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from pneumoloc.boxes import ScoredBoxes
+from pneumoloc._runtime import resolve_device
 from pneumoloc.errors import ConfigError, DataError
+from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
+from pneumoloc.localise.geometry import xywh_to_xyxy
+from pneumoloc.models.detector import (
+    DETECTOR_KIND,
+    DETECTOR_MAX_BOXES,
+    DETECTOR_MIN_SCORE,
+    build_detector,
+    detect,
+    detector_input,
+    init_detector_from_classifier,
+)
 
 logger = logging.getLogger(__name__)
-
-DETECTOR_KIND = "fcos-resnet18-fpn"
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,8 @@ class SelfTrainConfig:
     min_probability: float = 0.5
     negatives_per_positive: float = 1.0
     rounds: int = 1
-    min_score: float = 0.05
-    max_boxes: int = 2
+    min_score: float = DETECTOR_MIN_SCORE
+    max_boxes: int = DETECTOR_MAX_BOXES
     fpn_channels: int = 128
     init_from_classifier: bool = True
     seed: int = 0
@@ -85,76 +93,6 @@ class SelfTrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"self-training: {message}")
-
-
-def build_detector(image_size: int, fpn_channels: int = 128) -> nn.Module:
-    """FCOS on a resnet18 feature pyramid (strides 8-128), for grey images of one size.
-
-    Grey images are repeated to three channels inside torchvision's transform-free path
-    (``min_size = max_size = image_size``: no resizing, boxes stay in input pixels).
-    """
-    from torchvision.models import resnet18
-    from torchvision.models.detection import FCOS
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
-    body = resnet18(weights=None)
-    backbone = BackboneWithFPN(
-        body,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[128, 256, 512],
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
-    )
-    return FCOS(
-        backbone,
-        num_classes=2,
-        min_size=image_size,
-        max_size=image_size,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.25, 0.25, 0.25],
-        score_thresh=0.01,
-        detections_per_img=20,
-    )
-
-
-def init_detector_from_classifier(detector: nn.Module, classifier: nn.Module) -> int:
-    """Copy a resnet18 classifier's backbone weights into the detector's; returns how many
-    tensors were copied (0 when the architectures do not match). The classifier's 1-channel
-    stem becomes a 3-channel one (weights / 3, the input is grey repeated)."""
-    source: Any = getattr(classifier, "backbone", None)
-    if source is None:
-        return 0
-    target: Any = getattr(detector.backbone, "body")  # noqa: B009 (an nn.Module attribute)
-    own = target.state_dict()
-    copied = 0
-    new = {}
-    for key, value in source.state_dict().items():
-        if key not in own:
-            continue
-        if key == "conv1.weight" and value.shape[1] == 1 and own[key].shape[1] == 3:
-            value = value.repeat(1, 3, 1, 1) / 3
-        if own[key].shape != value.shape:
-            continue
-        new[key] = value
-        copied += 1
-    if copied < len(own) // 2:  # not a resnet18: keep the random initialisation
-        return 0
-    target.load_state_dict(new, strict=False)
-    return copied
-
-
-def _as_rgb(images: Tensor) -> list[Tensor]:
-    """uint8 (B, S, S) -> list of float (3, S, S) in [0, 1] (FCOS normalises them)."""
-    x = images.float().div(255.0)
-    return [img[None].expand(3, -1, -1) for img in x]
-
-
-def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    out = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    out[:, 2] += out[:, 0]
-    out[:, 3] += out[:, 1]
-    return out
 
 
 @dataclass
@@ -199,7 +137,7 @@ def make_pseudo_labels(
     rng = np.random.default_rng(config.seed)
     n_neg = min(len(negatives), math.ceil(config.negatives_per_positive * len(positives)))
     chosen_neg = rng.choice(negatives, size=n_neg, replace=False) if n_neg else np.zeros(0, int)
-    boxes = [_xywh_to_xyxy(drawn[i].boxes) for i in positives]
+    boxes = [xywh_to_xyxy(drawn[i].boxes) for i in positives]
     boxes += [np.zeros((0, 4), np.float32) for _ in chosen_neg]
     rows = np.concatenate([np.asarray(positives, int), chosen_neg.astype(int)])
     return PseudoLabels(rows=rows, boxes=boxes, n_positive=len(positives))
@@ -253,7 +191,7 @@ def train_detector(
                     }
                 )
             batch = torch.where(flips.to(device)[:, None, None], batch.flip(-1), batch)
-            loss_dict = detector(_as_rgb(batch), targets)
+            loss_dict = detector(detector_input(batch), targets)
             loss = sum(loss_dict.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
@@ -265,68 +203,6 @@ def train_detector(
         logger.info("self-training epoch %d: loss %.4f", len(history), history[-1])
     detector.eval()
     return history
-
-
-@torch.no_grad()
-def detect(
-    detector: nn.Module,
-    images: np.ndarray | Tensor,
-    *,
-    min_score: float,
-    max_boxes: int,
-    batch_size: int = 16,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Boxes (xyxy, input pixels) and scores per image, best first, at most ``max_boxes``."""
-    device = next(detector.parameters()).device
-    tensor = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
-    detector.eval()
-    out = []
-    for start in range(0, len(tensor), batch_size):
-        batch = tensor[start : start + batch_size].to(device)
-        for det in detector(_as_rgb(batch)):
-            keep = det["scores"] >= min_score
-            boxes = det["boxes"][keep][:max_boxes].cpu().numpy().astype(np.float32)
-            scores = det["scores"][keep][:max_boxes].cpu().numpy().astype(np.float32)
-            out.append((boxes, scores))
-    return out
-
-
-def detector_boxes(
-    detections: Sequence[tuple[np.ndarray, np.ndarray]],
-    probabilities: np.ndarray,
-    *,
-    threshold: float,
-    input_size: int,
-    out_shapes: Sequence[tuple[int, int]],
-    fallback: Sequence[ScoredBoxes] | None = None,
-) -> list[ScoredBoxes]:
-    """Final boxes: detector boxes of classifier-positive images, scaled to original pixels.
-
-    Confidence = classifier probability x detector score, so boxes rank across images by both.
-    Negative images get none; a positive image without detections gets ``fallback`` (the CAM
-    boxes) when given.
-    """
-    result = []
-    for i, (boxes, scores) in enumerate(detections):
-        if probabilities[i] < threshold:
-            result.append(ScoredBoxes())
-            continue
-        if len(boxes) == 0:
-            result.append(fallback[i] if fallback is not None else ScoredBoxes())
-            continue
-        h, w = out_shapes[i]
-        sy, sx = h / input_size, w / input_size
-        xywh = np.stack(
-            [
-                boxes[:, 0] * sx,
-                boxes[:, 1] * sy,
-                (boxes[:, 2] - boxes[:, 0]) * sx,
-                (boxes[:, 3] - boxes[:, 1]) * sy,
-            ],
-            axis=1,
-        )
-        result.append(ScoredBoxes(boxes=xywh, scores=scores * float(probabilities[i])))
-    return result
 
 
 @dataclass
@@ -366,18 +242,14 @@ def self_train(
     Raises:
         ConfigError: Bad settings. DataError: No pseudo-boxes. CheckpointError, CacheError.
     """
-    from pneumoloc.checkpoint import load_checkpoint, save_checkpoint
     from pneumoloc.data.cache import open_cache
     from pneumoloc.inference import Predictor
+    from pneumoloc.models.checkpoint import load_checkpoint, save_checkpoint
 
     config = config or SelfTrainConfig()
     config.validate()
     started = time.perf_counter()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else config.device
-    )
+    device = resolve_device(config.device)
     predictor = Predictor.from_checkpoint(checkpoint, device=str(device))
     cache = open_cache(data)
     size = predictor.image_size
@@ -453,21 +325,3 @@ def self_train(
         seconds=time.perf_counter() - started,
         round_checkpoints=written,
     )
-
-
-def load_detector(entry: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the detector stored in a checkpoint's ``"detector"`` entry (eval mode).
-
-    Raises:
-        CheckpointError: Unknown kind or weights that do not fit.
-    """
-    from pneumoloc.errors import CheckpointError
-
-    if entry.get("kind") != DETECTOR_KIND:
-        raise CheckpointError(f"unknown detector kind {entry.get('kind')!r}")
-    detector = build_detector(int(entry["image_size"]), int(entry.get("fpn_channels", 128)))
-    try:
-        detector.load_state_dict(entry["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"detector weights do not fit: {str(exc).splitlines()[0]}") from None
-    return detector.to(device).eval()

@@ -37,7 +37,7 @@ import numpy as np
 from pneumoloc.errors import CsvValidationError, DataError, ImageReadError
 
 if TYPE_CHECKING:
-    from pneumoloc.boxes import BoxConfig
+    from pneumoloc.localise.boxes import BoxConfig
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,10 @@ def list_images(images_dir: str | Path) -> list[Path]:
 
 
 def _read_one(path: str, size: int) -> _Read:
-    from pneumoloc.data.cache import resize_square
-    from pneumoloc.io import read_xray
+    from pneumoloc.io.preprocess import load_resized
 
     try:
-        image = read_xray(path, min_size=size)
+        pixels, image = load_resized(path, size)
     except ImageReadError as exc:
         return None, None, exc.reason
     except Exception as exc:  # a reader bug must not lose the rest of the folder
@@ -114,7 +113,7 @@ def _read_one(path: str, size: int) -> _Read:
     # The same resize as the cache and Predictor.predict_xrays, done here in the worker so
     # only model-size arrays travel between processes.
     h, w = image.original_shape
-    return resize_square(image.pixels, size), (int(h), int(w)), None
+    return pixels, (int(h), int(w)), None
 
 
 def _read_chunk(paths: list[str], size: int) -> list[_Read]:
@@ -200,8 +199,8 @@ def submit(
             ``stage_2_test_images``; the file stem is the patientId.
         out: The CSV to write.
         cam_method: Heatmap method (default: the checkpoint's).
-        box_config: A :class:`pneumoloc.boxes.BoxConfig`, or a mapping of fields replacing the
-            checkpoint's (e.g. ``{"rule": "otsu"}``). Default: the checkpoint's.
+        box_config: A :class:`pneumoloc.localise.boxes.BoxConfig`, or a mapping of fields
+            replacing the checkpoint's (e.g. ``{"rule": "otsu"}``). Default: the checkpoint's.
         tta: Test-time augmentation of the heatmaps.
         device: "auto", "cpu" or "cuda".
         batch_size: Images per forward pass.
@@ -226,9 +225,11 @@ def submit(
         kwargs["cam_method"] = cam_method
     predictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)
     if isinstance(box_config, Mapping):
-        predictor.box_config = dataclasses.replace(predictor.box_config, **dict(box_config))
+        predictor.recipe = predictor.recipe.replace(
+            box_config=dataclasses.replace(predictor.box_config, **dict(box_config))
+        )
     elif box_config is not None:
-        predictor.box_config = box_config
+        predictor.recipe = predictor.recipe.replace(box_config=box_config)
     size = predictor.image_size
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     ids = [p.stem for p in files]

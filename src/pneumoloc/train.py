@@ -23,15 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from pneumoloc.augment import INTENSITY_CONVENTION, augment_batch, normalise, standardise
-from pneumoloc.checkpoint import load_checkpoint, save_checkpoint
-from pneumoloc.config import TrainConfig, save_train_config
+from pneumoloc._runtime import resolve_device
 from pneumoloc.data.cache import Cache, resolve_cache
 from pneumoloc.data.datasets import ImageLabelDataset, training_dataset
 from pneumoloc.data.records import LABEL_NAMES
-from pneumoloc.distributed import DistContext, init_distributed, shutdown_distributed
 from pneumoloc.errors import CheckpointError, ConfigError, DataError
-from pneumoloc.recipe import DEFAULT_INFERENCE_RECIPE
+from pneumoloc.inference.recipe import DEFAULT_INFERENCE_RECIPE
+from pneumoloc.io.preprocess import INTENSITY_CONVENTION, standardise, to_model_input
+from pneumoloc.models.checkpoint import load_checkpoint, save_checkpoint
+from pneumoloc.training.augment import augment_batch
+from pneumoloc.training.config import TrainConfig, save_train_config
+from pneumoloc.training.distributed import DistContext, init_distributed, shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +49,6 @@ class TrainResult:
     best_epoch: int
     best_metrics: dict[str, Any]
     history: list[dict[str, Any]]
-
-
-def resolve_device(name: str, ctx: DistContext) -> torch.device:
-    """ "auto" picks this rank's GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device(name)
 
 
 def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -107,7 +100,7 @@ def predict_probabilities(
     probs = []
     for start in range(0, len(dataset), batch_size):
         images, _ = dataset.gather(np.arange(start, min(start + batch_size, len(dataset))))
-        x = normalise(images.to(device, non_blocking=True))
+        x = to_model_input(images.to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
@@ -204,7 +197,7 @@ def _train(
     resume: str | Path | None,
     cache: Cache | None,
 ) -> TrainResult:
-    device = resolve_device(config.device, ctx)
+    device = resolve_device(config.device, ctx.local_rank)
     run_dir = Path(config.out)
     if cache is None:
         if ctx.is_main:
@@ -369,7 +362,7 @@ def _train(
             },
             "metrics": {"val": metrics},
             "epoch": epoch,
-            **DEFAULT_INFERENCE_RECIPE,
+            **DEFAULT_INFERENCE_RECIPE.to_meta(),
         }
         if training_state is not None:
             out["training_state"] = training_state

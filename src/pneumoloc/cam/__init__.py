@@ -2,7 +2,7 @@
 
 Scale of the heatmaps: "cam" is in logit units (ReLU'd, not normalised; comparable across
 images); the library methods are normalised per image to [0, 1] by pytorch-grad-cam. Pass
-``normalize=True`` to ``compute_cam`` to divide every heatmap by its maximum.
+``scale_to_max=True`` to ``compute_cam`` to divide every heatmap by its maximum.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ CAM_METHODS: dict[str, str] = {"cam": "classic CAM (exact, pneumoloc)", **LIBRAR
 pytorch_grad_cam class names."""
 
 
+def check_cam_method(method: str) -> None:
+    """Raise :class:`ConfigError` naming the choices unless ``method`` is in ``CAM_METHODS``."""
+    if method not in CAM_METHODS:
+        raise ConfigError(f"unknown CAM method {method!r}; choose one of {list(CAM_METHODS)}")
+
+
 @contextmanager
 def open_cam(
     model: CamClassifier,
@@ -46,8 +52,7 @@ def open_cam(
     Raises:
         ConfigError: Unknown method, or target layers given for "cam".
     """
-    if method not in CAM_METHODS:
-        raise ConfigError(f"unknown CAM method {method!r}; choose one of {list(CAM_METHODS)}")
+    check_cam_method(method)
     if method == "cam":
         if target_layers:
             raise ConfigError("method 'cam' uses the model's own head; target_layers is not used")
@@ -66,7 +71,7 @@ def compute_cam(
     tta: bool = False,
     tta_scales: Sequence[float] = DEFAULT_TTA_SCALES,
     batch_size: int | None = None,
-    normalize: bool = False,
+    scale_to_max: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Pneumonia probabilities and heatmaps for a batch of images.
 
@@ -82,7 +87,7 @@ def compute_cam(
         tta_scales: Input rescalings used when ``tta`` is on; (1.0,) is flip only.
         batch_size: Largest number of images per forward pass (also ScoreCAM's number of
             masked copies per pass); default: the whole batch at once.
-        normalize: Divide each heatmap by its maximum (all-zero maps stay zero).
+        scale_to_max: Divide each heatmap by its maximum (all-zero maps stay zero).
 
     Returns:
         ``probs`` (B,) and ``heatmaps`` (B, H, W) float32 >= 0 at the input resolution, both on
@@ -104,7 +109,7 @@ def compute_cam(
             probs.append(p)
             maps.append(h)
     heatmaps = torch.cat(maps).float().clamp_(min=0)
-    if normalize:
+    if scale_to_max:
         peak = heatmaps.amax(dim=(-2, -1), keepdim=True)
         heatmaps = torch.where(peak > 0, heatmaps / peak.clamp(min=1e-12), heatmaps)
     return torch.cat(probs).float(), heatmaps
@@ -117,6 +122,7 @@ __all__ = [
     "LIBRARY_METHODS",
     "SingleLogitAsColumn",
     "cam_layers_of",
+    "check_cam_method",
     "classic_cam",
     "compute_cam",
     "eval_mode",

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from pneumoloc import __version__
 from pneumoloc.data.folder import index_data
 from pneumoloc.data.records import DatasetIndex
 from pneumoloc.data.splits import Split, patient_split
 from pneumoloc.errors import CacheError, ImageReadError
-from pneumoloc.io import read_xray
+from pneumoloc.io.preprocess import load_resized
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +59,6 @@ def default_cache_dir(data: str | Path, size: int) -> Path:
     return default_cache_root() / f"{data.name}-{digest}-{size}px"
 
 
-def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 image to (size, size) with Pillow's antialiased bilinear filter."""
-    if pixels.shape == (size, size):
-        return pixels
-    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
 def _decode_chunk(images_path: str, size: int, rows: list[int], paths: list[str]) -> list[dict]:
     """Decode files into their rows of the memory map (runs in a worker process)."""
     # Opened per chunk (cheap): a cached map could outlive an images.npy replaced by a rebuild.
@@ -75,8 +66,7 @@ def _decode_chunk(images_path: str, size: int, rows: list[int], paths: list[str]
     results = []
     for row, path in zip(rows, paths, strict=True):
         try:
-            image = read_xray(path, min_size=size)
-            out[row] = resize_square(image.pixels, size)
+            out[row], image = load_resized(path, size)
             h, w = image.original_shape
             results.append(
                 {"row": row, "status": STATUS_OK, "h": h, "w": w, "view": image.view_position}

@@ -26,7 +26,7 @@ class ImageLabelDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         indices: The rows this dataset exposes.
 
     Items are ``(uint8 tensor (1, H, W), float32 scalar label)``; intensity scaling and
-    augmentation happen batched on the training device (see ``pneumoloc.augment``).
+    augmentation happen batched on the training device (see ``pneumoloc.training.augment``).
     """
 
     def __init__(

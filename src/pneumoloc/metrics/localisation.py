@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from pneumoloc.localise.geometry import as_boxes, iou_matrix, min_max
+
 __all__ = [
     "RSNA_IOU_THRESHOLDS",
     "as_boxes",
@@ -43,61 +45,6 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 #: ``box_fn(normalised_heatmap, cam_thresholds) -> one (N_k, 4) box array per threshold``.
 BoxFn = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
-
-
-def as_boxes(boxes: Any, *, name: str = "boxes") -> np.ndarray:
-    """Converts anything array-like to a float ``(N, 4)`` xywh array, checking it.
-
-    Args:
-        boxes: ``None``, an empty sequence, or ``N`` rows of ``(x, y, width, height)``.
-        name: What to call the argument in error messages.
-
-    Returns:
-        A float64 array of shape ``(N, 4)``; ``(0, 4)`` when there are no boxes.
-
-    Raises:
-        ValueError: When the shape is not ``(N, 4)``, a value is not finite, or a width or
-            height is negative.
-    """
-    if boxes is None:
-        return np.zeros((0, 4), dtype=np.float64)
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return np.zeros((0, 4), dtype=np.float64)
-    if arr.ndim == 1 and arr.shape[0] == 4:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"{name} must have shape (N, 4) as (x, y, width, height), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if np.any(arr[:, 2:] < 0):
-        raise ValueError(f"{name} has a negative width or height")
-    return arr
-
-
-def iou_matrix(a: Any, b: Any) -> np.ndarray:
-    """Intersection over union of every box in ``a`` with every box in ``b``.
-
-    Args:
-        a: ``(Na, 4)`` xywh boxes.
-        b: ``(Nb, 4)`` xywh boxes.
-
-    Returns:
-        ``(Na, Nb)`` float array; 0 where the union has no area.
-    """
-    a = as_boxes(a, name="a")
-    b = as_boxes(b, name="b")
-    ax1, ay1 = a[:, 0:1], a[:, 1:2]
-    ax2, ay2 = ax1 + a[:, 2:3], ay1 + a[:, 3:4]
-    bx1, by1 = b[:, 0], b[:, 1]
-    bx2, by2 = bx1 + b[:, 2], by1 + b[:, 3]
-    iw = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0, None)
-    ih = np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0, None)
-    inter = iw * ih
-    union = (a[:, 2:3] * a[:, 3:4]) + (b[:, 2] * b[:, 3]) - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return iou
 
 
 def rsna_image_score(
@@ -358,7 +305,7 @@ def max_box_acc(
         if truth.shape[0] == 0:
             continue
         n_images += 1
-        hm = _normalise(_check_heatmap(heatmap, i))
+        hm = min_max(_check_heatmap(heatmap, i))
         if box_fn is None:
             per_thr = component_boxes(hm, cams, largest_only=not all_components)
         else:
@@ -457,13 +404,6 @@ def _check_heatmap(heatmap: np.ndarray, index: int) -> np.ndarray:
     if not np.all(np.isfinite(hm)):
         raise ValueError(f"heatmaps[{index}] contains NaN or infinite values")
     return hm
-
-
-def _normalise(hm: np.ndarray) -> np.ndarray:
-    lo, hi = float(hm.min()), float(hm.max())
-    if hi <= lo:
-        return np.zeros_like(hm)
-    return (hm - lo) / (hi - lo)
 
 
 def _shapes_or_none(

@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["GT_COLOUR", "PRED_COLOUR", "render_overlay", "save_png"]
+if TYPE_CHECKING:
+    from pneumoloc.inference.prediction import Prediction
+
+__all__ = ["GT_COLOUR", "PRED_COLOUR", "prediction_overlay", "render_overlay", "save_png"]
 
 GT_COLOUR = (0, 229, 255)
 """Ground-truth boxes (cyan)."""
@@ -257,3 +260,33 @@ def save_png(rgb: np.ndarray, path: str | Path) -> Path:
         raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) image, got {arr.dtype} {arr.shape}")
     Image.fromarray(arr).save(path, format="PNG", optimize=False)
     return path
+
+
+def prediction_overlay(
+    prediction: Prediction,
+    pixels: np.ndarray,
+    *,
+    title: str | None = None,
+    show_heatmap: bool = True,
+    show_boxes: bool = True,
+    alpha: float = 0.4,
+    colour_bar: bool = True,
+) -> np.ndarray:
+    """RGB overlay of one prediction on its X-ray (heatmap, boxes, probability and decision).
+
+    ``colour_bar`` adds the heatmap's colour scale and the box legend to the banner.
+    """
+    boxes = prediction.boxes.boxes if show_boxes else np.zeros((0, 4), np.float32)
+    scores = prediction.boxes.scores if show_boxes else np.zeros(0, np.float32)
+    return render_overlay(
+        pixels,
+        prediction.heatmap if show_heatmap else None,
+        boxes,
+        scores,
+        probability=prediction.probability,
+        threshold=prediction.threshold,
+        title=title,
+        alpha=alpha,
+        box_shape=prediction.original_shape,
+        colour_bar=colour_bar,
+    )

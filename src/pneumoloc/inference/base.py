@@ -1,0 +1,257 @@
+"""Everything after the network, shared by every backend: decisions, boxes and records.
+
+A backend (:class:`pneumoloc.inference.torch_backend.Predictor`,
+:class:`pneumoloc.inference.onnx_backend.OnnxPredictor`) implements
+:meth:`BasePredictor.heatmaps`; the decision threshold, the heatmap post-processing, the box rule
+and the record fields live here, so backends can never disagree after the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pneumoloc import DISCLAIMER, __version__
+from pneumoloc.errors import CheckpointError
+from pneumoloc.inference.prediction import Prediction
+from pneumoloc.inference.recipe import InferenceRecipe
+from pneumoloc.io import XrayImage
+from pneumoloc.io.preprocess import resize_square
+from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes, cam_to_boxes
+from pneumoloc.localise.lungs import restrict_to_lungs
+from pneumoloc.localise.refine import refine_heatmaps
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_WEIGHTS",
+    "BasePredictor",
+    "prediction_record",
+    "resolve_checkpoint",
+    "split_settings",
+]
+
+DEFAULT_MODEL = "default"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
+
+
+def resolve_checkpoint(name: str | Path | None) -> Path:
+    """A checkpoint path; None or "default" is the model shipped inside the package."""
+    if name is None or str(name) == DEFAULT_MODEL:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise CheckpointError(f"{DEFAULT_WEIGHTS}: the default model is not installed")
+        return DEFAULT_WEIGHTS
+    return Path(name)
+
+
+def split_settings(
+    meta: Mapping[str, Any], kwargs: Mapping[str, Any], **defaults: Any
+) -> dict[str, Any]:
+    """Predictor keyword arguments from a model's stored recipe and the caller's ``kwargs``.
+
+    Recipe settings given in ``kwargs`` (any :class:`InferenceRecipe` field) replace the stored
+    ones, which replace ``defaults``; the other ``kwargs`` (``batch_size``, ...) pass through.
+    """
+    names = InferenceRecipe.field_names()
+    overrides = {k: v for k, v in kwargs.items() if k in names}
+    stored = {**defaults, **{k: v for k, v in meta.items() if k in names and v is not None}}
+    rest = {k: v for k, v in kwargs.items() if k not in names}
+    return {"recipe": InferenceRecipe.from_meta(stored, **overrides), **rest}
+
+
+@dataclass(kw_only=True)
+class BasePredictor:
+    """Probabilities and heatmaps -> decisions and boxes, for any backend.
+
+    Attributes:
+        meta: The model's metadata (image size, threshold, model spec, ...).
+        recipe: How heatmaps and boxes are made (CAM method, refinement, lung mask, box rule).
+        batch_size: Images per forward pass.
+        threshold_override: Replaces the stored decision threshold when not None.
+    """
+
+    backend: ClassVar[str] = "torch"
+    meta: dict[str, Any]
+    recipe: InferenceRecipe = field(default_factory=InferenceRecipe)
+    batch_size: int = 16
+    threshold_override: float | None = None
+
+    # The recipe's settings, read-only (change them with ``recipe.replace``).
+    @property
+    def cam_method(self) -> str:
+        """Key of ``pneumoloc.cam.CAM_METHODS``."""
+        return self.recipe.cam_method
+
+    @property
+    def box_config(self) -> BoxConfig:
+        """The heatmap -> boxes rule."""
+        return self.recipe.box_config
+
+    @property
+    def tta(self) -> bool:
+        """Test-time augmentation of the heatmaps."""
+        return self.recipe.tta
+
+    @property
+    def lung_mask(self) -> bool:
+        """Whether heatmaps are zeroed outside an estimated lung mask."""
+        return self.recipe.lung_mask
+
+    @property
+    def refine(self) -> str | None:
+        """Heatmap refinement (None: none)."""
+        return self.recipe.refine
+
+    @property
+    def cam_layers(self) -> str | None:
+        """Multi-stage CAM fusion ("stages") or the final map (None / "final")."""
+        return self.recipe.cam_layers
+
+    @property
+    def box_gate(self) -> str:
+        """Which threshold gates boxes: "decision" or "f1"."""
+        return self.recipe.box_gate
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input the model expects."""
+        return int(self.meta["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold (stored in the checkpoint unless overridden)."""
+        return float(
+            self.threshold_override
+            if self.threshold_override is not None
+            else self.meta["threshold"]
+        )
+
+    @property
+    def box_threshold(self) -> float:
+        """The probability an image needs for boxes (see ``InferenceRecipe.box_gate``)."""
+        stored = self.meta.get("box_threshold")
+        if self.box_gate == "f1" and stored is not None:
+            return max(float(stored), self.threshold)
+        return self.threshold
+
+    @property
+    def box_source(self) -> str:
+        """What draws the boxes: "cam" (the box rule) or "detector" (a self-trained one)."""
+        return "cam"
+
+    @property
+    def model_id(self) -> str:
+        """A short identifier of the model for outputs."""
+        spec = self.meta.get("model", {})
+        fp = self.meta.get("data", {}).get("fingerprint", "")
+        return f"{spec.get('name', '?')}@{self.image_size}px" + (f"-{fp[:8]}" if fp else "")
+
+    def heatmaps(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+        raise NotImplementedError
+
+    def postprocess(self, images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+        """The heatmap steps every backend shares: refinement, then the lung mask.
+
+        Args:
+            images: uint8 (B, S, S), the network's inputs.
+            heatmaps: float32 (B, S, S) in [0, 1].
+        """
+        heatmaps = refine_heatmaps(self.refine, images, heatmaps)
+        if self.lung_mask:
+            heatmaps = restrict_to_lungs(images, heatmaps)
+        return heatmaps
+
+    def predict_arrays(
+        self,
+        images: np.ndarray,
+        original_shapes: Sequence[tuple[int, int]],
+    ) -> list[Prediction]:
+        """Predict uint8 images already at the model's size (e.g. rows of a cache)."""
+        if len(images) != len(original_shapes):
+            raise ValueError("images and original_shapes differ in length")
+        probs, maps = self.heatmaps(images)
+        shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
+        all_boxes = self.draw_boxes(images, probs, maps, shapes)
+        return [
+            Prediction(
+                probability=float(p),
+                positive=bool(p >= self.threshold),
+                threshold=self.threshold,
+                heatmap=h,
+                boxes=boxes,
+                original_shape=shape,
+            )
+            for p, h, boxes, shape in zip(probs, maps, all_boxes, shapes, strict=True)
+        ]
+
+    def draw_boxes(
+        self,
+        images: np.ndarray,
+        probs: np.ndarray,
+        maps: np.ndarray,
+        shapes: Sequence[tuple[int, int]],
+    ) -> list[ScoredBoxes]:
+        """Boxes in original pixels for each image: the box rule on the heatmaps."""
+        gate = self.box_threshold
+        return [
+            cam_to_boxes(h, float(p), threshold=gate, config=self.box_config, out_shape=shape)
+            for p, h, shape in zip(probs, maps, shapes, strict=True)
+        ]
+
+    def predict_xrays(self, xrays: Sequence[XrayImage]) -> list[Prediction]:
+        """Predict decoded X-rays of any size (resized exactly as the cache does)."""
+        s = self.image_size
+        arrays = (
+            np.stack([resize_square(x.pixels, s) for x in xrays])
+            if xrays
+            else np.zeros((0, s, s), np.uint8)
+        )
+        return self.predict_arrays(arrays, [x.original_shape for x in xrays])
+
+    def describe(self) -> dict[str, Any]:
+        """What produced a prediction: model, version, CAM method, box rule, threshold."""
+        return {
+            "model_id": self.model_id,
+            "model": self.meta.get("model"),
+            "pneumoloc_version": self.meta.get("pneumoloc_version"),
+            "image_size": self.image_size,
+            "threshold": self.threshold,
+            "box_gate": self.box_gate,
+            "box_threshold": self.box_threshold,
+            "cam_method": self.cam_method,
+            "tta": self.tta,
+            "lung_mask": self.lung_mask,
+            "refine": self.refine,
+            "cam_layers": self.cam_layers,
+            "box_source": self.box_source,
+            "box_config": dataclasses.asdict(self.box_config),
+            "checkpoint": self.meta.get("checkpoint_path"),
+            "backend": self.backend,
+        }
+
+
+def prediction_record(
+    prediction: Prediction, predictor: BasePredictor, *, image_id: str
+) -> dict[str, Any]:
+    """The JSON record of one prediction, shared by ``predict`` and the web API.
+
+    ``image_id`` must already be safe to show (the caller decides whether identifiers are kept).
+    """
+    return {
+        "id": image_id,
+        **prediction.to_dict(),
+        "cam_method": predictor.cam_method,
+        "box_source": predictor.box_source,
+        "model_id": predictor.model_id,
+        "model_version": predictor.meta.get("pneumoloc_version"),
+        "pneumoloc_version": __version__,
+        "disclaimer": DISCLAIMER,
+    }

@@ -1,0 +1,134 @@
+"""The PyTorch backend: a checkpoint's classifier (and self-trained detector) run by torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pneumoloc._runtime import resolve_device
+from pneumoloc.cam import cam_layers_of, compute_cam
+from pneumoloc.inference.base import BasePredictor, resolve_checkpoint, split_settings
+from pneumoloc.io.preprocess import to_model_input
+from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
+from pneumoloc.models.checkpoint import load_checkpoint, model_from_checkpoint
+from pneumoloc.models.detector import (
+    DETECTOR_MAX_BOXES,
+    DETECTOR_MIN_SCORE,
+    detect,
+    load_detector,
+)
+
+__all__ = ["Predictor"]
+
+
+@dataclass(kw_only=True)
+class Predictor(BasePredictor):
+    """A loaded PyTorch model plus how to turn its evidence into boxes.
+
+    Attributes:
+        model: The classifier (eval mode).
+        meta: The checkpoint's metadata (image size, threshold, model spec, metrics...).
+        recipe: How heatmaps and boxes are made (see ``InferenceRecipe``).
+        batch_size: Images per forward pass.
+        detector: A self-trained box detector (``pneumoloc selftrain``); when set it draws the
+            boxes of positive images instead of the box rule (the CAM boxes remain the
+            fallback). Loaded from the checkpoint's ``"detector"`` entry; pass
+            ``use_detector=False`` to ``from_checkpoint`` to ignore it.
+    """
+
+    model: torch.nn.Module
+    detector: torch.nn.Module | None = None
+
+    @property
+    def box_source(self) -> str:
+        """What draws the boxes: "cam" (the box rule) or "detector" (a self-trained one)."""
+        return "cam" if self.detector is None else "detector"
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str = "auto",
+        use_detector: bool = True,
+        **kwargs: Any,
+    ) -> Predictor:
+        """Load a checkpoint (None or "default": the shipped model).
+
+        The recipe stored in the checkpoint gives the defaults; recipe settings in ``kwargs``
+        (``cam_method``, ``box_config``, ``lung_mask``, ...) replace them, and the other
+        ``kwargs`` (``batch_size``, ``threshold_override``) are fields of the predictor.
+        """
+        path = resolve_checkpoint(checkpoint)
+        device = str(resolve_device(device))
+        payload = load_checkpoint(path, map_location=device)
+        model, meta = model_from_checkpoint(payload, device=device)
+        meta["checkpoint_path"] = str(path)
+        entry = meta.pop("detector", None)
+        if isinstance(entry, dict):
+            meta["detector"] = {k: v for k, v in entry.items() if k != "state_dict"}
+            if use_detector and "detector" not in kwargs:
+                kwargs = {**kwargs, "detector": load_detector(entry, device)}
+        return cls(model=model, meta=meta, **split_settings(meta, kwargs))
+
+    def draw_boxes(
+        self,
+        images: np.ndarray,
+        probs: np.ndarray,
+        maps: np.ndarray,
+        shapes: Sequence[tuple[int, int]],
+    ) -> list[ScoredBoxes]:
+        """The box rule's boxes, or the self-trained detector's when there is one."""
+        cam_boxes = super().draw_boxes(images, probs, maps, shapes)
+        if self.detector is None:
+            return cam_boxes
+        entry = self.meta.get("detector", {}).get("config", {})
+        detections = detect(
+            self.detector,
+            np.asarray(images),
+            min_score=float(entry.get("min_score", DETECTOR_MIN_SCORE)),
+            max_boxes=int(entry.get("max_boxes", DETECTOR_MAX_BOXES)),
+            batch_size=self.batch_size,
+        )
+        return detector_boxes(
+            detections,
+            probs,
+            threshold=self.box_threshold,
+            input_size=self.image_size,
+            out_shapes=shapes,
+            fallback=cam_boxes,
+        )
+
+    def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+        tensor = (
+            torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        )
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(1)
+        device = next(self.model.parameters()).device
+        layers = cam_layers_of(self.model, self.cam_layers)  # type: ignore[arg-type]
+        probs, maps = [], []
+        for start in range(0, len(tensor), self.batch_size):
+            # uint8 travels to the device (4x less than float32), standardised there.
+            x = to_model_input(tensor[start : start + self.batch_size].to(device))
+            p, h = compute_cam(
+                self.model,  # type: ignore[arg-type]
+                x,
+                method=self.cam_method,
+                target_layers=layers,
+                tta=self.tta,
+                scale_to_max=True,
+            )
+            probs.append(p.detach().cpu())
+            maps.append(h.detach().cpu())
+        if not probs:
+            s = self.image_size
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
+        heatmaps = self.postprocess(tensor[:, 0].cpu().numpy(), torch.cat(maps).numpy())
+        return torch.cat(probs).numpy(), heatmaps

@@ -1,0 +1,98 @@
+"""Lung fields from the image alone (no labels of any kind), to keep localisation inside them.
+
+Hand-written with scipy.ndimage because no well-kept library ships a label-free lung segmenter
+for chest radiographs (torchxrayvision's segmenter is a trained network whose weights download
+at run time). The classical recipe: the lungs are the large dark regions INSIDE the body; dark
+regions touching the image border are the air around the patient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from pneumoloc.localise.geometry import otsu_threshold
+
+
+def estimate_lung_mask(
+    pixels: np.ndarray, *, min_area_fraction: float = 0.02, dilate_fraction: float = 0.08
+) -> np.ndarray | None:
+    """A boolean mask of the lung fields of a frontal chest X-ray, or None when none is found.
+
+    Args:
+        pixels: uint8 (H, W), 0 = black (air).
+        min_area_fraction: Dark regions smaller than this fraction of the image are ignored.
+        dilate_fraction: The mask is grown by this fraction of the image side (opacities make
+            the lung brighter at its edges, so a tight mask would cut them off).
+
+    Returns:
+        bool (H, W), True inside the (at most two) lung fields; None if no plausible lung region
+        exists, in which case callers should not restrict anything.
+    """
+    image = np.asarray(pixels, dtype=np.float32)
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+    h, w = image.shape
+    side = min(h, w)
+    smooth = ndimage.gaussian_filter(image, sigma=max(1.0, side / 100))
+    # Local contrast: remove the slow exposure gradient so the threshold sees lung vs body.
+    background = ndimage.gaussian_filter(smooth, sigma=side / 8)
+    detail = smooth - background
+    dark_full = detail < otsu_threshold(detail, bins=64)
+    # Cut thin dark bridges (neck, armpits) that join the lungs to the outside air, find the
+    # seeds not touching the border, then grow them back inside the dark region.
+    cut = max(1, round(0.025 * side))
+    # border_value=1: regions touching the border keep touching it after the erosion.
+    seeds = ndimage.binary_erosion(dark_full, iterations=cut, border_value=1)
+    labels, n = ndimage.label(seeds)
+    if n == 0:
+        return None
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    centres = ndimage.center_of_mass(seeds, labels, index=np.arange(1, n + 1))
+    candidates = [
+        (area, i + 1)
+        for i, area in enumerate(areas)
+        if (i + 1) not in border
+        and area >= min_area_fraction * h * w / 4
+        # lungs sit in the middle of a frontal film, never at its edges
+        and 0.1 * h < centres[i][0] < 0.85 * h
+        and 0.12 * w < centres[i][1] < 0.88 * w
+    ]
+    if not candidates:
+        return None
+    keep = [label for _, label in sorted(candidates, reverse=True)[:2]]
+    mask = ndimage.binary_dilation(np.isin(labels, keep), iterations=cut, mask=dark_full)
+    mask = ndimage.binary_fill_holes(mask)
+    # Consolidation makes a lung (or part of it) as bright as the body, so it drops out of the
+    # dark mask exactly where the pneumonia is. Lungs are roughly mirror images: add the mirror
+    # image of what was found, then close concavities, so an opaque lung is still covered.
+    mask = mask | mask[:, ::-1]
+    close = max(1, round(0.06 * side))
+    mask = ndimage.binary_closing(mask, iterations=close, border_value=0)
+    grow = round(dilate_fraction * min(h, w))
+    if grow > 0:
+        mask = ndimage.binary_dilation(mask, iterations=grow)
+    return np.asarray(mask, dtype=bool)
+
+
+def restrict_to_lungs(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+    """Zero each heatmap outside its image's lung mask and rescale it to a peak of 1.
+
+    Args:
+        images: uint8 (B, H, W), the model's inputs.
+        heatmaps: (B, H, W) heatmaps in [0, 1] at the same size.
+
+    Returns:
+        A new array; a heatmap whose image has no detectable lungs is left as it was.
+    """
+    out = np.array(heatmaps, copy=True)
+    for i, image in enumerate(images):
+        mask = estimate_lung_mask(image)
+        if mask is None or mask.shape != out[i].shape:
+            continue
+        out[i] = np.where(mask, out[i], 0.0)
+        peak = out[i].max()
+        if peak > 0:
+            out[i] /= peak
+    return out
