@@ -332,3 +332,14 @@ def test_old_paths_renamed_or_removed_say_what_to_use() -> None:
     from pneumoloc.inference import Predictor  # the main name stays where it was
 
     assert Predictor.__module__ == "pneumoloc.inference.torch_backend"
+
+
+def test_every_folder_of_code_is_a_package() -> None:
+    # A folder of modules without __init__.py imports in a checkout (namespace package) but
+    # setuptools' find_packages leaves it out of the wheel.
+    missing = [
+        str(d.relative_to(PACKAGE_ROOT))
+        for d in PACKAGE_ROOT.rglob("*")
+        if d.is_dir() and any(d.glob("*.py")) and not (d / "__init__.py").is_file()
+    ]
+    assert not missing, f"folders of modules without __init__.py: {missing}"
