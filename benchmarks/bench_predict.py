@@ -47,11 +47,8 @@ from pneumoloc.inference.loading import default_batch_size, load_predictor
 from pneumoloc.localise.boxes import cam_to_boxes
 from pneumoloc.models import build_model
 from pneumoloc.models.checkpoint import save_checkpoint
-from pneumoloc.predict import (
-    _png_bytes,
-    predict_paths,
-    read_input,
-)
+from pneumoloc.predict import predict_paths, read_input
+from pneumoloc.predict.outputs import _png_bytes
 from pneumoloc.report.overlay import prediction_overlay
 
 DEFAULT_FOLDER = Path("../shared/data/rsna-pneumonia-sample/stage_2_train_images")

@@ -1,0 +1,185 @@
+"""What ``predict`` writes: per image a JSON record and an overlay, per run ``summary.csv``.
+
+Every output goes through :func:`_write_inside`: a temporary file in the output folder, moved
+into place only when the target is a plain file name directly inside that folder. A
+:class:`PredictRow` is one line of the summary, with the columns of :data:`SUMMARY_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pneumoloc.predict.inputs import InputFile, ReadResult
+
+if TYPE_CHECKING:
+    from pneumoloc.inference import BasePredictor, Prediction
+
+__all__ = [
+    "STATUS_FAILED",
+    "STATUS_OK",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_NAME",
+    "PredictRow",
+]
+
+SUMMARY_NAME = "summary.csv"
+SUMMARY_COLUMNS = ("id", "source", "probability", "decision", "n_boxes", "status", "error")
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class PredictRow:
+    """One line of ``summary.csv``.
+
+    Attributes:
+        id: Output id (file names ``<id>.json`` and ``<id>.png``).
+        source: The sanitised relative input path.
+        probability: Of pneumonia (None when failed).
+        decision: ``"pneumonia"`` or ``"no pneumonia"`` (None when failed).
+        n_boxes: Boxes predicted (None when failed).
+        status: ``"ok"`` or ``"failed"``.
+        error: Why it failed, else "".
+        json_path: The record written, if any.
+        overlay_path: The overlay written, if any.
+    """
+
+    id: str
+    source: str
+    probability: float | None = None
+    decision: str | None = None
+    n_boxes: int | None = None
+    status: str = STATUS_OK
+    error: str = ""
+    json_path: Path | None = None
+    overlay_path: Path | None = None
+
+    def csv_fields(self) -> list[str]:
+        """The row as ``summary.csv`` writes it (empty strings for missing values)."""
+        return [
+            self.id,
+            self.source,
+            "" if self.probability is None else f"{self.probability:.6f}",
+            self.decision or "",
+            "" if self.n_boxes is None else str(self.n_boxes),
+            self.status,
+            self.error,
+        ]
+
+
+# --------------------------------------------------------------------------------------
+# Safe output paths
+# --------------------------------------------------------------------------------------
+
+
+class _UnsafeOutputError(Exception):
+    """An output's resolved path is not directly inside the output folder."""
+
+
+def _write_inside(out: Path, name: str, data: bytes) -> Path:
+    """Write ``out/name`` atomically, refusing any name that is not a plain file name in ``out``.
+
+    ``name`` is built from a ``safe_name`` id, so the check is defence in depth. The data go to
+    a new temporary file (``mkstemp``: created exclusively) that ``os.replace`` renames onto
+    the target; a symbolic link already at the target is thereby replaced, never written
+    through.
+    """
+    target = out / name
+    if name in ("", ".", "..") or target.name != name or target.parent.resolve() != out:
+        raise _UnsafeOutputError(
+            f"refusing to write {name!r}: it resolves outside the output folder"
+        )
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".partial-", suffix=target.suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+# --------------------------------------------------------------------------------------
+# Records, overlays and the summary
+# --------------------------------------------------------------------------------------
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    # No text chunks are added: nothing but pixels leaves through the PNG. Encoding dominates
+    # the overlay's cost (noisy radiographs compress poorly): level 1 takes half the time of
+    # the default 6 for ~10% larger files.
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _write_outputs(
+    out: Path,
+    image_id: str,
+    item: InputFile,
+    prediction: Prediction,
+    read: ReadResult,
+    predictor: BasePredictor,
+    overlays: bool,
+) -> PredictRow:
+    """Write the JSON record (and overlay) of one prediction; return its summary row."""
+    from pneumoloc.inference import prediction_record
+    from pneumoloc.report.overlay import prediction_overlay
+
+    record: dict[str, Any] = {"id": image_id, "source": item.source}
+    record.update(prediction_record(prediction, predictor, image_id=image_id))
+    record["backend"] = predictor.backend
+    if read.identifiers is not None:
+        record["dicom_identifiers"] = read.identifiers
+    try:
+        json_path = _write_inside(
+            out, f"{image_id}.json", (json.dumps(record, indent=2) + "\n").encode("utf-8")
+        )
+        overlay_path = None
+        if overlays and read.display is not None:
+            rgb = prediction_overlay(prediction, read.display, title=image_id)
+            overlay_path = _write_inside(out, f"{image_id}.png", _png_bytes(rgb))
+    except _UnsafeOutputError as exc:
+        return PredictRow(image_id, item.source, status=STATUS_FAILED, error=str(exc))
+    return PredictRow(
+        id=image_id,
+        source=item.source,
+        probability=prediction.probability,
+        decision="pneumonia" if prediction.positive else "no pneumonia",
+        n_boxes=len(prediction.boxes),
+        json_path=json_path,
+        overlay_path=overlay_path,
+    )
+
+
+def _write_summary(out: Path, rows: Sequence[PredictRow]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    writer.writerows(r.csv_fields() for r in rows)
+    return _write_inside(out, SUMMARY_NAME, buffer.getvalue().encode("utf-8"))
