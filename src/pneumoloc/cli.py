@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from pneumoloc import DISCLAIMER, __version__
 from pneumoloc.errors import PneumolocError
@@ -15,6 +16,8 @@ from pneumoloc.errors import PneumolocError
 logger = logging.getLogger("pneumoloc")
 
 Handler = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -24,6 +27,111 @@ def _fractions(text: str) -> tuple[float, float, float]:
             "expected three comma-separated fractions, e.g. 0.7,0.15,0.15"
         )
     return parts[0], parts[1], parts[2]
+
+
+def _image_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number of pixels") from None
+
+
+# ---- shared arguments and option groups ------------------------------------------------------
+
+_CHECKPOINT_HELP = "checkpoint file, or 'default' for the shipped model"
+_DEVICE_HELP = "auto, cpu or cuda"
+
+
+def _add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help=_CHECKPOINT_HELP)
+
+
+def _add_cam_option(p: argparse.ArgumentParser, *, default_from: str = "checkpoint") -> None:
+    p.add_argument("--cam", default=None, help=f"heatmap method (default: the {default_from}'s)")
+
+
+def _add_device_option(p: argparse.ArgumentParser, *, help: str = _DEVICE_HELP) -> None:
+    p.add_argument("--device", default="auto", help=help)
+
+
+def _add_batch_size_option(
+    p: argparse.ArgumentParser, *, default: int | None = 16, help: str | None = None
+) -> None:
+    p.add_argument("--batch-size", type=int, default=default, help=help)
+
+
+def _add_workers_option(p: argparse.ArgumentParser, *, help: str) -> None:
+    p.add_argument("--workers", type=int, default=None, help=help)
+
+
+def _add_quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_box_options(p: argparse.ArgumentParser, *, scoring: bool) -> None:
+    """``--cam``, ``--box-rule`` and ``--tta``, shared by evaluate and submit; with ``scoring``
+    (evaluate) also box tuning on val and the heatmap lung-mask/refine/layers/box-gate flags."""
+    _add_cam_option(p)
+    p.add_argument(
+        "--box-rule",
+        choices=["peak", "otsu", "notebook"],
+        default=None,
+        help="heatmap -> boxes rule (default: the checkpoint's)" if scoring else None,
+    )
+    if scoring:
+        p.add_argument(
+            "--tune-boxes-on-val",
+            action="store_true",
+            help="choose box settings by the RSNA score on the validation split (test split only)",
+        )
+    p.add_argument("--tta", action="store_true", help="test-time augmentation of the heatmaps")
+    if scoring:
+        _add_heatmap_options(p)
+
+
+def _add_heatmap_options(p: argparse.ArgumentParser) -> None:
+    """Heatmap post-processing and box gating (default each: the checkpoint's recipe)."""
+    p.add_argument(
+        "--lung-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="restrict heatmaps to label-free lung masks (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--refine",
+        choices=["none", "randomwalk"],
+        default=None,
+        help="heatmap refinement: image-guided random walk (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--cam-layers",
+        choices=["final", "stages"],
+        default=None,
+        help="stages: fuse the CAM of the last three backbone stages (with --cam layercam etc.)",
+    )
+    p.add_argument(
+        "--box-gate",
+        choices=["decision", "f1"],
+        default=None,
+        help="boxes above the decision threshold, or above the F1-optimal box_threshold",
+    )
+
+
+# ---- synth -----------------------------------------------------------------------------------
+
+
+def _add_synth_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("synth", help="write a synthetic data set in the RSNA Kaggle layout")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=200, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=1024, help="side in pixels (RSNA: 1024)")
+    p.add_argument("--prevalence", type=float, default=0.3, help="fraction of positive images")
+    p.add_argument("--contrast", type=float, default=0.25, help="opacity contrast (difficulty)")
+    p.add_argument("--noise", type=float, default=0.04, help="noise level (difficulty)")
+    p.set_defaults(handler=_cmd_synth)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -43,6 +151,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         f"{summary.n_boxes} boxes) in the RSNA layout to {summary.out_dir}"
     )
     return 0
+
+
+# ---- prepare ---------------------------------------------------------------------------------
+
+
+def _add_prepare_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("prepare", help="decode a data folder once into a memory-mapped cache")
+    p.add_argument("data", type=Path, help="RSNA-layout folder or NORMAL/PNEUMONIA folder")
+    p.add_argument("--size", type=int, default=256, help="side of the cached square images")
+    p.add_argument(
+        "--out", type=Path, default=None, help="cache folder (default: under ~/.cache/pneumoloc)"
+    )
+    _add_workers_option(p, help="decoding processes (default: all cores)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--fractions", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test")
+    p.add_argument("--limit", type=int, default=None, help="cache only the first N labelled images")
+    _add_quiet_option(p)
+    p.set_defaults(handler=_cmd_prepare)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -77,6 +203,48 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             f"({run['images_per_s']:.0f} img/s)"
         )
     return 0
+
+
+# ---- train -----------------------------------------------------------------------------------
+
+
+def _add_train_parser(sub: Subparsers) -> None:
+    """Every training flag defaults to None: the YAML config's (or the built-in) value."""
+    p = sub.add_parser("train", help="train a classifier from image-level labels (torchrun-ready)")
+    p.add_argument(
+        "--data", type=Path, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache folder"
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config; flags override it")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/train)")
+    p.add_argument("--model", help="smallcamnet or any timm backbone name (default resnet18)")
+    p.add_argument("--pretrained", help="local state dict PATH, or 'imagenet' to download via timm")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--loss", choices=["bce", "focal"])
+    p.add_argument("--pos-weight", help="'auto' (negatives/positives) or a number")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    p.add_argument("--device", help=_DEVICE_HELP)
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
+    p.add_argument("--pool", help="spatial pooling of the CAM: avg, lse, topk or attention (MIL)")
+    p.add_argument("--split-seed", type=int)
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="continue an interrupted run (its last.pt, or a given checkpoint)",
+    )
+    p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -125,6 +293,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- selftrain -------------------------------------------------------------------------------
+
+
+def _add_selftrain_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "selftrain",
+        help="train a box detector on the classifier's own CAM boxes (no ground-truth boxes)",
+    )
+    p.add_argument("checkpoint", help="a trained classifier checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="the cache folder it was trained on")
+    p.add_argument(
+        "--out", type=Path, required=True, help="checkpoint to write (classifier + detector)"
+    )
+    p.add_argument("--epochs", type=int, default=12)
+    _add_batch_size_option(p, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--min-probability",
+        type=float,
+        default=0.5,
+        help="labelled-positive training images below this probability give no pseudo-boxes",
+    )
+    p.add_argument("--rounds", type=int, choices=[1, 2], default=1)
+    p.add_argument("--seed", type=int, default=0)
+    _add_device_option(p)
+    p.set_defaults(handler=_cmd_selftrain)
+
+
 def _cmd_selftrain(args: argparse.Namespace) -> int:
     from pneumoloc.selftrain import SelfTrainConfig, self_train
 
@@ -146,6 +342,21 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo ------------------------------------------------------------------------------------
+
+
+def _add_demo_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job on an embedded default: synthetic data end to end"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    p.add_argument("--n", type=int, default=400, help="synthetic images")
+    p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    p.set_defaults(handler=_cmd_demo)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pneumoloc.demo import run_demo
 
@@ -154,13 +365,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-def _image_size(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected 'auto' or a number of pixels") from None
+# ---- evaluate --------------------------------------------------------------------------------
+
+
+def _add_evaluate_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("evaluate", help="metrics and an HTML report of a checkpoint on a split")
+    _add_checkpoint_argument(p)
+    p.add_argument(
+        "--data", type=Path, required=True, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache"
+    )
+    p.add_argument("--split", choices=["test", "val", "all"], default="test")
+    p.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
+    _add_box_options(p, scoring=True)
+    p.add_argument(
+        "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"
+    )
+    p.add_argument("--gallery", type=int, default=4, help="example overlays per category")
+    _add_device_option(p)
+    _add_batch_size_option(p)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
+    _add_workers_option(p, help="decoding processes if the data must be cached")
+    _add_quiet_option(p)
+    p.set_defaults(handler=_cmd_evaluate)
 
 
 def _box_overrides(args: argparse.Namespace) -> tuple[dict | None, bool | None]:
@@ -219,6 +445,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- submit ----------------------------------------------------------------------------------
+
+
+def _add_submit_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("submit", help="write a Kaggle RSNA submission CSV for a folder of images")
+    _add_checkpoint_argument(p)
+    p.add_argument("--images", type=Path, required=True, help="folder of DICOM (or image) files")
+    p.add_argument("--out", type=Path, default=Path("submission.csv"), help="CSV to write")
+    _add_box_options(p, scoring=False)
+    _add_device_option(p)
+    _add_batch_size_option(p)
+    _add_workers_option(p, help="decoding processes (default: up to 8)")
+    _add_quiet_option(p)
+    p.set_defaults(handler=_cmd_submit)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pneumoloc.submit import submit
 
@@ -246,6 +488,25 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def _add_serve_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("serve", help="a local web page and JSON API for one model")
+    p.add_argument("--model", default="default", help=_CHECKPOINT_HELP)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (non-loopback needs a token)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token", default=None, help="access token for /api (default: $PNEUMOLOC_TOKEN)"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB")
+    _add_cam_option(p)
+    _add_device_option(p)
+    p.set_defaults(handler=_cmd_serve)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pneumoloc.serve import run_server
 
@@ -259,6 +520,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
     )
     return 0
+
+
+# ---- predict ---------------------------------------------------------------------------------
+
+
+def _add_predict_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict DICOM/PNG/JPEG files: JSON records, overlays and summary.csv",
+        description="Exit status: 0 when every input was predicted, 1 when any file could not "
+        "be read (listed in summary.csv, skipped), 2 on usage errors (bad option, missing input "
+        "or model).",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, help="files or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="checkpoint (torch) or exported .onnx (onnx), or 'default' for the shipped model",
+    )
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    _add_cam_option(p, default_from="model")
+    _add_device_option(p, help=f"{_DEVICE_HELP} (torch backend)")
+    _add_batch_size_option(p, default=None, help="default: 8 on a GPU, 1 on the CPU (faster)")
+    p.add_argument(
+        "--keep-identifiers",
+        action="store_true",
+        help="copy DICOM identifiers (PatientID, PatientName, ...) into the JSON records",
+    )
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+    _add_workers_option(p, help="reading/writing threads (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="network threads (default: all cores; 1 can be faster on a busy machine)",
+    )
+    _add_quiet_option(p)
+    p.set_defaults(handler=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -290,6 +590,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+# ---- export ----------------------------------------------------------------------------------
+
+
+def _add_export_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint's classifier and CAM heatmap as one ONNX graph"
+    )
+    _add_checkpoint_argument(p)
+    p.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--torchscript", action="store_true", help="use the legacy TorchScript exporter")
+    p.set_defaults(handler=_cmd_export)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from pneumoloc.export import export_onnx
 
@@ -302,6 +616,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the top parser --------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -312,236 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumoloc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("synth", help="write a synthetic data set in the RSNA Kaggle layout")
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--n", type=int, default=200, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=1024, help="side in pixels (RSNA: 1024)")
-    p.add_argument("--prevalence", type=float, default=0.3, help="fraction of positive images")
-    p.add_argument("--contrast", type=float, default=0.25, help="opacity contrast (difficulty)")
-    p.add_argument("--noise", type=float, default=0.04, help="noise level (difficulty)")
-    p.set_defaults(handler=_cmd_synth)
-
-    p = sub.add_parser("prepare", help="decode a data folder once into a memory-mapped cache")
-    p.add_argument("data", type=Path, help="RSNA-layout folder or NORMAL/PNEUMONIA folder")
-    p.add_argument("--size", type=int, default=256, help="side of the cached square images")
-    p.add_argument(
-        "--out", type=Path, default=None, help="cache folder (default: under ~/.cache/pneumoloc)"
-    )
-    p.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: all cores)"
-    )
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
-    p.add_argument("--fractions", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test")
-    p.add_argument("--limit", type=int, default=None, help="cache only the first N labelled images")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_prepare)
-
-    p = sub.add_parser("train", help="train a classifier from image-level labels (torchrun-ready)")
-    p.add_argument(
-        "--data", type=Path, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache folder"
-    )
-    p.add_argument("--config", type=Path, default=None, help="YAML config; flags override it")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/train)")
-    p.add_argument("--model", help="smallcamnet or any timm backbone name (default resnet18)")
-    p.add_argument("--pretrained", help="local state dict PATH, or 'imagenet' to download via timm")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--loss", choices=["bce", "focal"])
-    p.add_argument("--pos-weight", help="'auto' (negatives/positives) or a number")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
-    p.add_argument("--pool", help="spatial pooling of the CAM: avg, lse, topk or attention (MIL)")
-    p.add_argument("--split-seed", type=int)
-    p.add_argument("--tensorboard", action="store_true")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        default=None,
-        help="continue an interrupted run (its last.pt, or a given checkpoint)",
-    )
-    p.set_defaults(handler=_cmd_train)
-
-    p = sub.add_parser(
-        "selftrain",
-        help="train a box detector on the classifier's own CAM boxes (no ground-truth boxes)",
-    )
-    p.add_argument("checkpoint", help="a trained classifier checkpoint")
-    p.add_argument("--data", type=Path, required=True, help="the cache folder it was trained on")
-    p.add_argument(
-        "--out", type=Path, required=True, help="checkpoint to write (classifier + detector)"
-    )
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument(
-        "--min-probability",
-        type=float,
-        default=0.5,
-        help="labelled-positive training images below this probability give no pseudo-boxes",
-    )
-    p.add_argument("--rounds", type=int, choices=[1, 2], default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(handler=_cmd_selftrain)
-
-    p = sub.add_parser(
-        "demo", help="the main job on an embedded default: synthetic data end to end"
-    )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
-    p.add_argument("--n", type=int, default=400, help="synthetic images")
-    p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
-    p.set_defaults(handler=_cmd_demo)
-
-    p = sub.add_parser("evaluate", help="metrics and an HTML report of a checkpoint on a split")
-    p.add_argument("checkpoint", help="checkpoint file, or 'default' for the shipped model")
-    p.add_argument(
-        "--data", type=Path, required=True, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache"
-    )
-    p.add_argument("--split", choices=["test", "val", "all"], default="test")
-    p.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
-    p.add_argument("--cam", default=None, help="heatmap method (default: the checkpoint's)")
-    p.add_argument(
-        "--box-rule",
-        choices=["peak", "otsu", "notebook"],
-        default=None,
-        help="heatmap -> boxes rule (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--tune-boxes-on-val",
-        action="store_true",
-        help="choose box settings by the RSNA score on the validation split (test split only)",
-    )
-    p.add_argument("--tta", action="store_true", help="test-time augmentation of the heatmaps")
-    p.add_argument(
-        "--lung-mask",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="restrict heatmaps to label-free lung masks (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--refine",
-        choices=["none", "randomwalk"],
-        default=None,
-        help="heatmap refinement: image-guided random walk (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--cam-layers",
-        choices=["final", "stages"],
-        default=None,
-        help="stages: fuse the CAM of the last three backbone stages (with --cam layercam etc.)",
-    )
-    p.add_argument(
-        "--box-gate",
-        choices=["decision", "f1"],
-        default=None,
-        help="boxes above the decision threshold, or above the F1-optimal box_threshold",
-    )
-    p.add_argument(
-        "--image-size", type=_image_size, default=None, help="'auto' (the checkpoint's) or pixels"
-    )
-    p.add_argument("--gallery", type=int, default=4, help="example overlays per category")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
-    p.add_argument(
-        "--workers", type=int, default=None, help="decoding processes if the data must be cached"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_evaluate)
-
-    p = sub.add_parser("submit", help="write a Kaggle RSNA submission CSV for a folder of images")
-    p.add_argument("checkpoint", help="checkpoint file, or 'default' for the shipped model")
-    p.add_argument("--images", type=Path, required=True, help="folder of DICOM (or image) files")
-    p.add_argument("--out", type=Path, default=Path("submission.csv"), help="CSV to write")
-    p.add_argument("--cam", default=None, help="heatmap method (default: the checkpoint's)")
-    p.add_argument("--box-rule", choices=["peak", "otsu", "notebook"], default=None)
-    p.add_argument("--tta", action="store_true", help="test-time augmentation of the heatmaps")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: up to 8)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_submit)
-
-    p = sub.add_parser("serve", help="a local web page and JSON API for one model")
-    p.add_argument(
-        "--model", default="default", help="checkpoint file, or 'default' for the shipped model"
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (non-loopback needs a token)"
-    )
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--token", default=None, help="access token for /api (default: $PNEUMOLOC_TOKEN)"
-    )
-    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB")
-    p.add_argument("--cam", default=None, help="heatmap method (default: the checkpoint's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.set_defaults(handler=_cmd_serve)
-
-    p = sub.add_parser(
-        "predict",
-        help="predict DICOM/PNG/JPEG files: JSON records, overlays and summary.csv",
-        description="Exit status: 0 when every input was predicted, 1 when any file could not "
-        "be read (listed in summary.csv, skipped), 2 on usage errors (bad option, missing input "
-        "or model).",
-    )
-    p.add_argument("inputs", nargs="+", type=Path, help="files or folders (searched recursively)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--model",
-        default="default",
-        help="checkpoint (torch) or exported .onnx (onnx), or 'default' for the shipped model",
-    )
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    p.add_argument("--cam", default=None, help="heatmap method (default: the model's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (torch backend)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="default: 8 on a GPU, 1 on the CPU (faster)"
-    )
-    p.add_argument(
-        "--keep-identifiers",
-        action="store_true",
-        help="copy DICOM identifiers (PatientID, PatientName, ...) into the JSON records",
-    )
-    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
-    p.add_argument(
-        "--workers", type=int, default=None, help="reading/writing threads (default: all cores)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="network threads (default: all cores; 1 can be faster on a busy machine)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_predict)
-
-    p = sub.add_parser(
-        "export", help="export a checkpoint's classifier and CAM heatmap as one ONNX graph"
-    )
-    p.add_argument("checkpoint", help="checkpoint file, or 'default' for the shipped model")
-    p.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
-    p.add_argument("--torchscript", action="store_true", help="use the legacy TorchScript exporter")
-    p.set_defaults(handler=_cmd_export)
-
+    _add_synth_parser(sub)
+    _add_prepare_parser(sub)
+    _add_train_parser(sub)
+    _add_selftrain_parser(sub)
+    _add_demo_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_submit_parser(sub)
+    _add_serve_parser(sub)
+    _add_predict_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
