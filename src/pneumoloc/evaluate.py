@@ -561,14 +561,8 @@ def _provenance(
         "trained_image_size": trained_size,
         "threshold": predictor.threshold,
         "threshold_source": "checkpoint (chosen on its validation split)",
-        "cam_method": predictor.cam_method,
-        "tta": predictor.tta,
-        "lung_mask": predictor.lung_mask,
-        "refine": predictor.refine,
-        "cam_layers": predictor.cam_layers,
-        "box_gate": predictor.box_gate,
+        **predictor.recipe.to_meta(),
         "box_threshold": predictor.box_threshold,
-        "box_config": dataclasses.asdict(predictor.box_config),
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None
         if tuning is None

@@ -8,7 +8,6 @@ and the record fields live here, so backends can never disagree after the networ
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -224,15 +223,9 @@ class BasePredictor:
             "pneumoloc_version": self.meta.get("pneumoloc_version"),
             "image_size": self.image_size,
             "threshold": self.threshold,
-            "box_gate": self.box_gate,
+            **self.recipe.to_meta(),
             "box_threshold": self.box_threshold,
-            "cam_method": self.cam_method,
-            "tta": self.tta,
-            "lung_mask": self.lung_mask,
-            "refine": self.refine,
-            "cam_layers": self.cam_layers,
             "box_source": self.box_source,
-            "box_config": dataclasses.asdict(self.box_config),
             "checkpoint": self.meta.get("checkpoint_path"),
             "backend": self.backend,
         }
