@@ -50,7 +50,7 @@ def moved_attribute(module: str, name: str, moves: Mapping[str, Target]) -> obje
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     if target is None:
         raise AttributeError(
-            f"{module}.{name} was removed in pneumoloc 0.2; see the README's Layout section"
+            f"{module}.{name} was removed with the layered layout; see the README's Layout section"
         )
     new_module, new_name = (target, name) if isinstance(target, str) else target
     value = getattr(importlib.import_module(new_module), new_name)
