@@ -61,6 +61,24 @@ class ImageLabelDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         """Labels of the exposed rows, float32."""
         return self._labels[self._indices]
 
+    @property
+    def images(self) -> np.ndarray:
+        """The whole image array this dataset reads from (all N rows, not only the exposed ones),
+        as a read-only view: uint8 (N, H, W)."""
+        view = self._images.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def indices(self) -> np.ndarray:
+        """The rows of :attr:`images` this dataset exposes, in order, as a read-only int64 view.
+
+        ``ImageLabelDataset(d.images, labels, d.indices[positions])`` is a subset of ``d``.
+        """
+        view = self._indices.view()
+        view.flags.writeable = False
+        return view
+
     def gather(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch at once: uint8 (B, 1, H, W) and float32 (B,)."""
         rows = self._indices[positions]
