@@ -114,6 +114,9 @@ class CamClassifier(nn.Module):
             ``build_model(spec["name"], **spec["kwargs"])``; filled in by ``build_model``.
 
     Attributes:
+        init: Where the initial weights came from (``{"kind": "random"}``,
+            ``"imagenet-offline"`` with package, file and sha256, ``"imagenet-timm"`` or
+            ``"file"``); filled in by ``build_model`` and stored in checkpoints.
         cam_target_layer: Default target layer for gradient-based CAM methods. An
             ``nn.Identity`` tap whose output is exactly the feature map that feeds the head
             (for timm models ``feature_info[-1]`` is not always that map: on efficientnet_b0
@@ -142,6 +145,7 @@ class CamClassifier(nn.Module):
         self.pool = pool
         self.num_features = num_features
         self.spec: dict[str, Any] = spec if spec is not None else {}
+        self.init: dict[str, Any] = {"kind": "random"}
 
     @property
     def cam_target_layer(self) -> nn.Module:

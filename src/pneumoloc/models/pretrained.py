@@ -10,6 +10,7 @@ logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,24 +81,42 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadReport:
-    """Load a local ImageNet-style state dict into ``backbone`` (non-strict, logged).
+def load_pretrained_backbone(
+    backbone: nn.Module,
+    path: str | Path | Mapping[str, Tensor],
+    *,
+    input_std: float | None = None,
+    strict: bool = False,
+) -> LoadReport:
+    """Load a local ImageNet-style state dict into ``backbone`` (logged).
+
+    A 3-channel stem becomes a 1-channel one as timm does (``adapt_input_conv`` sums the
+    channels: a grey image is R = G = B). When the weights' input standard deviation is known
+    (``input_std``, for inputs centred at 0.5 like pneumoloc's), the stem is also multiplied by
+    ``INTENSITY_STD / input_std``, so a grey X-ray in pneumoloc's intensity convention gives the
+    stem the activations the weights were trained on.
 
     Args:
         backbone: The 1-channel feature extractor (a timm model without classifier, or
             smallcamnet's ``nn.Sequential``).
-        path: The weights file.
+        path: The weights file, or an already converted state dict.
+        input_std: Per-channel input std the weights expect (None: leave the stem's scale).
+        strict: Every backbone tensor must be loaded (else :class:`CheckpointError`).
 
     Returns:
         What was loaded, adapted and skipped.
 
     Raises:
         CheckpointError: The file cannot be read, or fewer than half of the backbone's
-            tensors match it by name and shape (it is another architecture).
+            tensors match it by name and shape (it is another architecture), or with
+            ``strict`` any tensor is missing or mismatched.
     """
     from timm.models import adapt_input_conv  # lazy: timm is slow to import
 
-    state = read_state_dict(path)
+    from pneumoloc.io.preprocess import INTENSITY_STD
+
+    state = dict(path) if isinstance(path, Mapping) else read_state_dict(path)
+    path = "converted weights" if isinstance(path, Mapping) else path
     target = backbone.state_dict()
     report = LoadReport()
     to_load: dict[str, Tensor] = {}
@@ -119,7 +138,8 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadRepor
             and value.shape[0] == want.shape[0]
             and value.shape[2:] == want.shape[2:]
         ):
-            to_load[key] = adapt_input_conv(1, value)
+            stem = adapt_input_conv(1, value)
+            to_load[key] = stem * (INTENSITY_STD / input_std) if input_std else stem
             report.adapted.append(key)
         else:
             report.mismatched.append(key)
@@ -133,6 +153,11 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadRepor
             f"file by name and shape; it is probably another architecture "
             f"(e.g. unexpected {report.unexpected[:3]}, mismatched {report.mismatched[:3]}, "
             f"missing {report.missing[:3]})"
+        )
+    if strict and (report.missing or report.mismatched):
+        raise CheckpointError(
+            f"{path}: {len(report.missing)} backbone tensors missing and "
+            f"{len(report.mismatched)} mismatched (e.g. {(report.missing + report.mismatched)[:3]})"
         )
     with torch.no_grad():
         backbone.load_state_dict(to_load, strict=False)

@@ -76,6 +76,7 @@ def checkpoint_payload(
     """A self-describing checkpoint of the model now (resumable with ``training_state``)."""
     out = {
         "model": state.spec,
+        "init": state.init,
         "state_dict": state.model.state_dict(),
         "image_size": config.image_size,
         "intensity": INTENSITY_CONVENTION,

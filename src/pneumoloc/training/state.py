@@ -59,6 +59,7 @@ class TrainState:
     train_model: torch.nn.Module
     step_model: torch.nn.Module
     spec: dict[str, Any]
+    init: dict[str, Any]
     cam_layer: str
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -145,6 +146,7 @@ def build_train_state(
         train_model=train_model,
         step_model=step_model,  # type: ignore[arg-type]
         spec=spec,
+        init=dict(getattr(model, "init", {"kind": "random"})),
         cam_layer=cam_layer,
         optimizer=optimizer,
         scheduler=scheduler,
