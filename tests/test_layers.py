@@ -34,7 +34,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),
     ("training",),
     # commands; `demo` runs train + evaluate, `cli` dispatches to every command
-    ("train", "selftrain", "evaluate", "submit", "predict", "export", "serve"),
+    (
+        "train",
+        "selftrain",
+        "calibrate",
+        "ensemble",
+        "evaluate",
+        "submit",
+        "predict",
+        "export",
+        "serve",
+    ),
     ("demo",),
     ("cli",),
     ("__main__",),

@@ -616,6 +616,67 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a checkpoint's temperature on its validation split (same decisions)",
+    )
+    _add_checkpoint_argument(p)
+    p.add_argument("--data", required=True, help="the cache (or data folder) it was trained on")
+    p.add_argument("--out", type=Path, required=True, help="the calibrated checkpoint to write")
+    _add_device_option(p)
+    _add_batch_size_option(p)
+    p.set_defaults(handler=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pneumoloc.calibrate import calibrate
+
+    result = calibrate(
+        args.checkpoint, args.data, args.out, device=args.device, batch_size=args.batch_size
+    )
+    print(
+        f"wrote {result.path}: temperature {result.temperature:.3f}; validation ECE "
+        f"{result.ece_before:.4f} -> {result.ece_after:.4f} ({result.n_images} images; "
+        "ECE on a test split: pneumoloc evaluate)"
+    )
+    return 0
+
+
+def _add_ensemble_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "ensemble",
+        help="average several checkpoints as one model file (threshold and temperature on val)",
+    )
+    p.add_argument("checkpoints", nargs="+", help="two or more checkpoint files")
+    p.add_argument("--data", required=True, help="the cache (or data folder) they were trained on")
+    p.add_argument("--out", type=Path, required=True, help="the ensemble file to write")
+    p.add_argument("--half", action="store_true", help="store the weights in float16")
+    _add_device_option(p)
+    _add_batch_size_option(p)
+    p.set_defaults(handler=_cmd_ensemble)
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from pneumoloc.ensemble import build_ensemble
+
+    result = build_ensemble(
+        args.checkpoints,
+        args.data,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        half=args.half,
+    )
+    auroc = result.val_metrics["val"].get("auroc")
+    print(
+        f"wrote {result.path}: {result.n_members} members, validation AUROC "
+        f"{auroc if auroc is None else round(auroc, 4)}, threshold {result.threshold:.4f}, "
+        f"temperature {result.temperature:.3f}"
+    )
+    return 0
+
+
 # ---- the top parser --------------------------------------------------------------------------
 
 
@@ -633,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_parser(sub)
     _add_train_parser(sub)
     _add_selftrain_parser(sub)
+    _add_calibrate_parser(sub)
+    _add_ensemble_parser(sub)
     _add_demo_parser(sub)
     _add_evaluate_parser(sub)
     _add_submit_parser(sub)

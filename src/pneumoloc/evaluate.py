@@ -219,10 +219,24 @@ def _resolve_box_config(
     return dataclasses.replace(predictor.box_config, **dict(box_config))
 
 
-def _classification(preds: EvalPredictions, threshold: float, n_boot: int) -> dict[str, Any]:
-    from pneumoloc.metrics import calibration_curve_bins, classification_metrics, roc_pr_curves
+def _classification(
+    preds: EvalPredictions, threshold: float, n_boot: int, temperature: float = 1.0
+) -> dict[str, Any]:
+    from pneumoloc.inference.calibration import apply_temperature
+    from pneumoloc.metrics import (
+        calibration_curve_bins,
+        classification_metrics,
+        expected_calibration_error,
+        roc_pr_curves,
+    )
 
     metrics = classification_metrics(preds.labels, preds.probs, threshold, n_boot=n_boot)
+    # ECE before calibration: the network's own probabilities (the stored temperature undone).
+    raw = apply_temperature(preds.probs, 1.0 / temperature)
+    metrics["temperature"] = temperature
+    metrics["ece_uncalibrated"] = (
+        expected_calibration_error(preds.labels, raw) if len(preds) else None
+    )
     both = 0 < int(preds.labels.sum()) < len(preds)
     curves = (
         roc_pr_curves(preds.labels, preds.probs)
@@ -478,7 +492,7 @@ def evaluate(
 
     preds = predict_split(predictor, cache, rows, progress=progress)
     metrics: dict[str, Any] = {
-        "classification": _classification(preds, threshold, n_boot),
+        "classification": _classification(preds, threshold, n_boot, predictor.temperature),
         "localisation": _localisation(preds) if cache.has_boxes else None,
     }
     if not cache.has_boxes:

@@ -74,6 +74,7 @@ _META_FIELDS = (
     "intensity",
     "label_names",
     "cam_layer",
+    "temperature",
     "pneumoloc_version",
     "epoch",
 )
@@ -100,28 +101,44 @@ class OnnxExportResult:
     max_abs_diff_heatmap: float = math.nan
 
 
-def _cam_graph(model: Any, image_size: int) -> Any:
-    """The exported module: uint8 images -> (probability, heatmap), as ``Predictor`` does."""
+def _cam_graph(models: list[Any], image_size: int) -> Any:
+    """The exported module: uint8 images -> (probability, heatmap), as ``Predictor`` does
+    (for an ensemble: the mean of the members' probabilities and of their heatmaps)."""
     import torch
 
     from pneumoloc.cam.classic import upsample_cam
     from pneumoloc.io.preprocess import to_model_input
 
+    size = int(image_size)
+
+    def member_output(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cam = model.forward_with_cam(x)
+        # pneumoloc.cam.classic_cam, then compute_cam(scale_to_max=True), line for line.
+        heat = upsample_cam(cam, (size, size)).relu()
+        peak = heat.amax(dim=(-2, -1), keepdim=True)
+        heat = torch.where(peak > 0, heat / peak.clamp(min=1e-12), heat)
+        return torch.sigmoid(logits.float()), heat
+
     class CamGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
-            self.size = int(image_size)
+            self.model = models[0]
 
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, cam = self.model.forward_with_cam(to_model_input(image))
-            # pneumoloc.cam.classic_cam, then compute_cam(scale_to_max=True), line for line.
-            heat = upsample_cam(cam, (self.size, self.size)).relu()
-            peak = heat.amax(dim=(-2, -1), keepdim=True)
-            heat = torch.where(peak > 0, heat / peak.clamp(min=1e-12), heat)
-            return torch.sigmoid(logits.float()), heat
+            return member_output(self.model, to_model_input(image))
 
-    return CamGraph().eval()
+    class EnsembleCamGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = torch.nn.ModuleList(models)
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = to_model_input(image)
+            outputs = [member_output(m, x) for m in self.members]
+            probs = torch.stack([p for p, _ in outputs]).mean(0)
+            return probs, torch.stack([h for _, h in outputs]).mean(0)
+
+    return (CamGraph() if len(models) == 1 else EnsembleCamGraph()).eval()
 
 
 def _metadata(meta: dict[str, Any]) -> dict[str, str]:
@@ -188,12 +205,12 @@ def export_onnx(
     import torch
 
     from pneumoloc.inference.base import resolve_checkpoint
-    from pneumoloc.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from pneumoloc.models.checkpoint import load_checkpoint, models_from_checkpoint
 
     if opset < 17:
         raise ConfigError(f"opset must be >= 17, got {opset}")
     path = resolve_checkpoint(checkpoint)
-    model, meta = model_from_checkpoint(load_checkpoint(path, map_location="cpu"), device="cpu")
+    models, meta = models_from_checkpoint(load_checkpoint(path, map_location="cpu"), device="cpu")
     size = int(meta["image_size"])
     if meta.get("cam_method") not in (None, "cam") or meta.get("tta"):
         logger.warning(
@@ -209,7 +226,7 @@ def export_onnx(
             "so its boxes come from the CAM box rule",
             path,
         )
-    graph = _cam_graph(model, size)
+    graph = _cam_graph(models, size)
     example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +308,7 @@ def _compare(path: Path, graph: Any, size: int) -> tuple[float, float]:
 
     images = np.random.default_rng(0).integers(0, 256, (3, 1, size, size), dtype=np.uint8)
     runner = OnnxPredictor.from_onnx(path, threads=1, lung_mask=False, refine=None)
-    probs, maps = runner.heatmaps(images)
+    probs, maps, _ = runner.network(images)
     with torch.inference_mode():
         p_ref, h_ref = graph(torch.from_numpy(images))
     return (

@@ -18,6 +18,7 @@ import numpy as np
 
 from pneumoloc import DISCLAIMER, __version__
 from pneumoloc.errors import CheckpointError
+from pneumoloc.inference.calibration import apply_temperature
 from pneumoloc.inference.prediction import Prediction
 from pneumoloc.inference.recipe import InferenceRecipe
 from pneumoloc.io import XrayImage
@@ -152,9 +153,26 @@ class BasePredictor:
         fp = self.meta.get("data", {}).get("fingerprint", "")
         return f"{spec.get('name', '?')}@{self.image_size}px" + (f"-{fp[:8]}" if fp else "")
 
-    def heatmaps(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature stored with the model (1.0: uncalibrated)."""
+        return float(self.meta.get("temperature") or 1.0)
+
+    def network(self, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a backend's network says about uint8 images (B, S, S): uncalibrated
+        probabilities (B,), heatmaps (B, S, S) in [0, 1], and the images as uint8 numpy."""
         raise NotImplementedError
+
+    def heatmaps(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S).
+
+        The network's probabilities are calibrated with the stored temperature, and its
+        heatmaps go through :meth:`postprocess` (the same steps for every backend).
+        """
+        probs, maps, pixels = self.network(images)
+        if len(probs) == 0:
+            return probs, maps
+        return apply_temperature(probs, self.temperature), self.postprocess(pixels, maps)
 
     def postprocess(self, images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
         """The heatmap steps every backend shares: refinement, then the lung mask.

@@ -151,8 +151,9 @@ class OnnxPredictor(BasePredictor):
         # The file's metadata holds only settings this backend runs (cam_method is "cam").
         return cls(session=session, meta=meta, **split_settings(meta, kwargs, cam_method="cam"))
 
-    def heatmaps(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+    def network(self, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Uncalibrated probabilities (B,), heatmaps (B, S, S) in [0, 1] and the uint8 images,
+        for uint8 images (B, S, S)."""
         arr = np.asarray(images.numpy() if hasattr(images, "numpy") else images)
         if arr.ndim == 3:
             arr = arr[:, None]
@@ -162,13 +163,12 @@ class OnnxPredictor(BasePredictor):
         if arr.dtype != np.uint8:
             raise ValueError(f"expected uint8 images, got {arr.dtype}")
         if len(arr) == 0:
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), arr[:, 0]
         probs, maps = [], []
         for start in range(0, len(arr), self.batch_size):
             chunk = np.ascontiguousarray(arr[start : start + self.batch_size])
             p, h = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
             probs.append(p)
             maps.append(h)
-        # The same post-processing as the torch backend.
-        heatmaps = self.postprocess(arr[:, 0], np.concatenate(maps).astype(np.float32))
-        return np.concatenate(probs).astype(np.float32), heatmaps
+        heatmaps = np.concatenate(maps).astype(np.float32)
+        return np.concatenate(probs).astype(np.float32), heatmaps, arr[:, 0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from pneumoloc.cam import cam_layers_of, compute_cam
 from pneumoloc.inference.base import BasePredictor, resolve_checkpoint, split_settings
 from pneumoloc.io.preprocess import to_model_input
 from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
-from pneumoloc.models.checkpoint import load_checkpoint, model_from_checkpoint
+from pneumoloc.models.checkpoint import load_checkpoint, models_from_checkpoint
 from pneumoloc.models.detector import (
     DETECTOR_MAX_BOXES,
     DETECTOR_MIN_SCORE,
@@ -39,10 +39,14 @@ class Predictor(BasePredictor):
             boxes of positive images instead of the box rule (the CAM boxes remain the
             fallback). Loaded from the checkpoint's ``"detector"`` entry; pass
             ``use_detector=False`` to ``from_checkpoint`` to ignore it.
+        members: An ensemble's models (``model`` is the first); empty for a single model.
+            The ensemble's probability is the mean of its members' probabilities, its heatmap
+            the mean of their heatmaps (each scaled to its maximum first).
     """
 
     model: torch.nn.Module
     detector: torch.nn.Module | None = None
+    members: list[torch.nn.Module] = field(default_factory=list)
 
     @property
     def box_source(self) -> str:
@@ -67,14 +71,16 @@ class Predictor(BasePredictor):
         path = resolve_checkpoint(checkpoint)
         device = str(resolve_device(device))
         payload = load_checkpoint(path, map_location=device)
-        model, meta = model_from_checkpoint(payload, device=device)
+        models, meta = models_from_checkpoint(payload, device=device)
+        if len(models) > 1:
+            kwargs = {**kwargs, "members": models}
         meta["checkpoint_path"] = str(path)
         entry = meta.pop("detector", None)
         if isinstance(entry, dict):
             meta["detector"] = {k: v for k, v in entry.items() if k != "state_dict"}
             if use_detector and "detector" not in kwargs:
                 kwargs = {**kwargs, "detector": load_detector(entry, device)}
-        return cls(model=model, meta=meta, **split_settings(meta, kwargs))
+        return cls(model=models[0], meta=meta, **split_settings(meta, kwargs))
 
     def draw_boxes(
         self,
@@ -104,31 +110,39 @@ class Predictor(BasePredictor):
             fallback=cam_boxes,
         )
 
-    def heatmaps(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S)."""
+    def network(
+        self, images: np.ndarray | torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Uncalibrated probabilities (B,), heatmaps (B, S, S) in [0, 1] and the uint8 images,
+        for uint8 images (B, S, S)."""
         tensor = (
             torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         )
         if tensor.ndim == 3:
             tensor = tensor.unsqueeze(1)
+        models = self.members or [self.model]
         device = next(self.model.parameters()).device
-        layers = cam_layers_of(self.model, self.cam_layers)  # type: ignore[arg-type]
+        layers = [cam_layers_of(m, self.cam_layers) for m in models]  # type: ignore[arg-type]
         probs, maps = [], []
         for start in range(0, len(tensor), self.batch_size):
             # uint8 travels to the device (4x less than float32), standardised there.
             x = to_model_input(tensor[start : start + self.batch_size].to(device))
-            p, h = compute_cam(
-                self.model,  # type: ignore[arg-type]
-                x,
-                method=self.cam_method,
-                target_layers=layers,
-                tta=self.tta,
-                scale_to_max=True,
-            )
+            outputs = [
+                compute_cam(
+                    m,  # type: ignore[arg-type]
+                    x,
+                    method=self.cam_method,
+                    target_layers=target,
+                    tta=self.tta,
+                    scale_to_max=True,
+                )
+                for m, target in zip(models, layers, strict=True)
+            ]
+            p = outputs[0][0] if len(outputs) == 1 else torch.stack([o[0] for o in outputs]).mean(0)
+            h = outputs[0][1] if len(outputs) == 1 else torch.stack([o[1] for o in outputs]).mean(0)
             probs.append(p.detach().cpu())
             maps.append(h.detach().cpu())
         if not probs:
             s = self.image_size
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
-        heatmaps = self.postprocess(tensor[:, 0].cpu().numpy(), torch.cat(maps).numpy())
-        return torch.cat(probs).numpy(), heatmaps
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros((0, s, s))
+        return torch.cat(probs).numpy(), torch.cat(maps).numpy(), tensor[:, 0].cpu().numpy()

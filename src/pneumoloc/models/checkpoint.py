@@ -81,9 +81,47 @@ def model_from_checkpoint(
     Raises:
         CheckpointError: If the weights do not fit the described model.
     """
+    payload = load_checkpoint(source) if not isinstance(source, dict) else source
+    if payload.get("members"):
+        raise CheckpointError(
+            f"{source if not isinstance(source, dict) else 'checkpoint'} is an ensemble of "
+            f"{len(payload['members'])} models; load it with models_from_checkpoint"
+        )
+    model = _member_model(payload, source)
+    model.to(device).eval()
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
+    return model, meta
+
+
+def models_from_checkpoint(
+    source: str | Path | dict[str, Any], *, device: str | torch.device = "cpu"
+) -> tuple[list[torch.nn.Module], dict[str, Any]]:
+    """The models of a checkpoint: its members for an ensemble file, else its one model.
+
+    Returns:
+        The models in eval mode, and the checkpoint's metadata (the members' weights left out;
+        ``meta["members"]`` keeps each member's own metadata).
+
+    Raises:
+        CheckpointError: Weights that do not fit, or members of different input sizes.
+    """
+    payload = load_checkpoint(source) if not isinstance(source, dict) else source
+    members = payload.get("members") or []
+    if not members:
+        model, meta = model_from_checkpoint(payload, device=device)
+        return [model], meta
+    sizes = {int(m.get("image_size", payload["image_size"])) for m in members}
+    if sizes != {int(payload["image_size"])}:
+        raise CheckpointError(f"ensemble members have input sizes {sorted(sizes)}; need one")
+    models = [_member_model(m, source).to(device).eval() for m in members]
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
+    meta["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in members]
+    return models, meta
+
+
+def _member_model(payload: dict[str, Any], source: str | Path | dict[str, Any]) -> torch.nn.Module:
     from pneumoloc.models import build_model
 
-    payload = load_checkpoint(source) if not isinstance(source, dict) else source
     spec = payload["model"]
     model = build_model(spec["name"], **spec.get("kwargs", {}))
     try:
@@ -94,6 +132,4 @@ def model_from_checkpoint(
             f"{source if not isinstance(source, dict) else 'checkpoint'}: weights do not fit model "
             f"{spec['name']!r}: {first}"
         ) from None
-    model.to(device).eval()
-    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
-    return model, meta
+    return model

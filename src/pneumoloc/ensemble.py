@@ -1,0 +1,168 @@
+"""``pneumoloc ensemble``: several checkpoints as one model file.
+
+The members must take the same input size and should come from the same training cache (their
+validation split is then the same images, none of them seen in training). The ensemble's
+probability is the mean of its members' probabilities, its heatmap the mean of their heatmaps
+(each scaled to its maximum first); its decision threshold (Youden's J), box threshold (F1) and
+temperature are chosen on that validation split, as ``train`` does for one model. The file is a
+pneumoloc checkpoint (``members`` holds each member's weights and metadata), so ``evaluate``,
+``predict``, ``submit``, ``serve`` and ``export`` take it like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pneumoloc.errors import ConfigError
+from pneumoloc.inference.recipe import InferenceRecipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EnsembleResult", "build_ensemble"]
+
+# Metadata of each member kept in the ensemble file (what a model card needs about it).
+_MEMBER_FIELDS = (
+    "model",
+    "init",
+    "state_dict",
+    "image_size",
+    "threshold",
+    "box_threshold",
+    "temperature",
+    "cam_layer",
+    "config",
+    "data",
+    "metrics",
+    "epoch",
+    "intensity",
+    "label_names",
+    "pneumoloc_version",
+)
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    """What :func:`build_ensemble` wrote."""
+
+    path: Path
+    n_members: int
+    threshold: float
+    temperature: float
+    val_metrics: dict[str, Any]
+
+
+def _members(checkpoints: list[Path], half: bool) -> list[dict[str, Any]]:
+    from pneumoloc.models.checkpoint import load_checkpoint
+
+    members = []
+    for path in checkpoints:
+        payload = load_checkpoint(path)
+        if payload.get("members"):
+            raise ConfigError(f"{path}: is already an ensemble; give its members instead")
+        keep = (*_MEMBER_FIELDS, *InferenceRecipe.field_names())
+        member = {k: payload[k] for k in keep if k in payload}
+        if half:
+            member["state_dict"] = {
+                k: v.half() if v.is_floating_point() else v for k, v in member["state_dict"].items()
+            }
+        member["source_file"] = path.name
+        members.append(member)
+    sizes = {int(m["image_size"]) for m in members}
+    if len(sizes) != 1:
+        raise ConfigError(f"members take input sizes {sorted(sizes)}; an ensemble needs one")
+    return members
+
+
+def build_ensemble(
+    checkpoints: list[str | Path],
+    data: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 16,
+    half: bool = False,
+) -> EnsembleResult:
+    """Write an ensemble of ``checkpoints`` with threshold and temperature chosen on the
+    validation split of ``data`` (the cache the members were trained on).
+
+    Args:
+        checkpoints: Two or more checkpoint files.
+        data: The training cache (or data folder) of the members.
+        out: The ensemble file to write.
+        device: Where to run the members for the validation pass.
+        batch_size: Images per forward pass.
+        half: Store the members' weights in float16 (half the size; loaded as float32).
+
+    Raises:
+        ConfigError: Fewer than two members, different input sizes, a member that is an
+            ensemble, or a cache the members were not trained on.
+    """
+    from pneumoloc import __version__
+    from pneumoloc.data.cache import resolve_cache
+    from pneumoloc.inference.recipe import DEFAULT_INFERENCE_RECIPE
+    from pneumoloc.inference.torch_backend import Predictor
+    from pneumoloc.metrics.classification import (
+        classification_metrics,
+        f1_threshold,
+        youden_threshold,
+    )
+    from pneumoloc.models.checkpoint import models_from_checkpoint, save_checkpoint
+    from pneumoloc.training.calibration import (
+        calibrate_payload,
+        check_same_data,
+        split_probabilities,
+    )
+
+    paths = [Path(p) for p in checkpoints]
+    if len(paths) < 2:
+        raise ConfigError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
+    members = _members(paths, half)
+    first = members[0]
+    payload: dict[str, Any] = {
+        "model": {
+            "name": "ensemble",
+            "kwargs": {},
+            "members": [m["model"]["name"] for m in members],
+        },
+        "state_dict": {},
+        "members": members,
+        "image_size": int(first["image_size"]),
+        "threshold": 0.5,
+        "intensity": first.get("intensity"),
+        "label_names": first.get("label_names", ["no pneumonia", "pneumonia"]),
+        "data": first.get("data"),
+        "built_by": f"pneumoloc {__version__} ensemble",
+        **InferenceRecipe.from_meta(DEFAULT_INFERENCE_RECIPE.to_meta(), **_recipe(first)).to_meta(),
+    }
+    models, meta = models_from_checkpoint(payload, device=device)
+    predictor = Predictor(model=models[0], members=models, meta=meta, batch_size=batch_size)
+    cache = resolve_cache(data, size=predictor.image_size)
+    for path, member in zip(paths, members, strict=True):
+        check_same_data(member, cache, str(path))
+    probs, labels = split_probabilities(predictor, cache)
+    payload["threshold"] = youden_threshold(labels, probs)
+    payload["box_threshold"] = f1_threshold(labels, probs)
+    payload["metrics"] = {
+        "val": classification_metrics(labels, probs, payload["threshold"], n_boot=0)
+    }
+    payload = calibrate_payload(payload, probs, labels, split="val", fingerprint=cache.fingerprint)
+    save_checkpoint(out, payload)
+    logger.info(
+        "%s: %d members, val AUROC %.4f, threshold %.4f, temperature %.3f",
+        out,
+        len(members),
+        payload["metrics"]["val"].get("auroc", float("nan")),
+        payload["threshold"],
+        payload["temperature"],
+    )
+    return EnsembleResult(
+        Path(out), len(members), payload["threshold"], payload["temperature"], payload["metrics"]
+    )
+
+
+def _recipe(member: dict[str, Any]) -> dict[str, Any]:
+    """The first member's stored recipe settings (the ensemble uses them)."""
+    return {k: member[k] for k in InferenceRecipe.field_names() if member.get(k) is not None}

@@ -1,0 +1,64 @@
+"""Choosing what a trained model says on its validation split: temperature, shared checks.
+
+Used by ``pneumoloc calibrate`` (one checkpoint) and ``pneumoloc ensemble`` (several). The
+fitting itself is :mod:`pneumoloc.inference.calibration`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pneumoloc.errors import ConfigError
+from pneumoloc.inference.calibration import apply_temperature, fit_temperature, map_threshold
+from pneumoloc.metrics.classification import expected_calibration_error
+
+__all__ = ["calibrate_payload", "check_same_data", "split_probabilities"]
+
+
+def split_probabilities(
+    predictor: Any, cache: Any, split: str = "val"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The network's uncalibrated probabilities and the labels of one split of a cache."""
+    rows = cache.split.part(split)
+    if len(rows) == 0:
+        raise ConfigError(f"{cache.root}: the {split!r} split is empty")
+    probs, _, _ = predictor.network(np.asarray(cache.images[rows]))
+    return np.asarray(probs, np.float64), np.asarray(cache.labels[rows])
+
+
+def check_same_data(payload: dict[str, Any], cache: Any, what: str) -> None:
+    """Refuse a cache other than the one a checkpoint was trained on (its val split could hold
+    the model's training images)."""
+    trained = (payload.get("data") or {}).get("fingerprint")
+    if trained and trained != cache.fingerprint:
+        raise ConfigError(
+            f"{cache.root}: not the cache {what} was trained on (fingerprint {cache.fingerprint}, "
+            f"trained on {trained}); its validation split may hold training images"
+        )
+
+
+def calibrate_payload(
+    payload: dict[str, Any], probs: np.ndarray, labels: np.ndarray, *, split: str, fingerprint: str
+) -> dict[str, Any]:
+    """The checkpoint dict with a temperature fitted on ``probs`` (uncalibrated) and its
+    thresholds mapped so that every decision stays the same."""
+    old = float(payload.get("temperature") or 1.0)
+    temperature = fit_temperature(probs, labels)
+    out = dict(payload)
+    for key in ("threshold", "box_threshold"):
+        if out.get(key) is not None:
+            raw = map_threshold(float(out[key]), 1.0 / old)
+            out[key] = map_threshold(raw, temperature)
+    out["temperature"] = temperature
+    out["calibration"] = {
+        "method": "temperature scaling (Guo et al. 2017)",
+        "split": split,
+        "n_images": len(labels),
+        "data_fingerprint": fingerprint,
+        "ece_before": expected_calibration_error(labels, probs),
+        "ece_after": expected_calibration_error(labels, apply_temperature(probs, temperature)),
+        "note": "fitted on the validation split; report ECE on a test split (pneumoloc evaluate)",
+    }
+    return out
