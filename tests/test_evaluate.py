@@ -125,6 +125,25 @@ def test_evaluate_rsna_writes_metrics_and_report(
     expected = rsna_map([(p.boxes.boxes, p.boxes.scores) for p in preds], gts)
     assert loc["rsna_map"] == pytest.approx(expected, abs=1e-9)
 
+    # Within-view metrics: the synthetic DICOMs carry ViewPosition AP or PA.
+    labels = cache.labels[rows]
+    views = cache.table["view"].to_numpy()[rows]
+    by_view = c["by_view"]
+    assert set(by_view["views"]) == {"AP", "PA"} == set(views)
+    for view, m in by_view["views"].items():
+        mask = views == view
+        assert (m["n"], m["n_positive"]) == (int(mask.sum()), int(labels[mask].sum()))
+        expected_auroc = roc_auc_score(labels[mask], probs[mask])
+        assert m["auroc"] == pytest.approx(expected_auroc, abs=1e-9)
+        assert m["auroc_ci_low"] is not None
+    assert sum(m["n"] for m in by_view["views"].values()) == c["n"] == 40
+    is_ap = (views == "AP").astype(int)
+    assert by_view["view_only_auroc"] == pytest.approx(roc_auc_score(labels, is_ap), abs=1e-9)
+    assert by_view["view_predictability_auroc"] == pytest.approx(
+        roc_auc_score(is_ap, probs), abs=1e-9
+    )
+    assert c["patient_level"] is None  # RSNA: one image per patient
+
     html = (out / "report" / "index.html").read_text()
     links = _png_links(html)
     assert {"roc.png", "pr.png", "calibration.png", "box_sweep.png"} <= set(links)
@@ -143,10 +162,26 @@ def test_evaluate_folder_dataset_has_no_localisation(
         ckpt, folder_dataset, split="all", out=out, n_boot=50, workers=1, progress=False
     )
     assert metrics["localisation"] is None
-    assert metrics["classification"]["n"] == 12
+    c = metrics["classification"]
+    assert c["n"] == 12
     assert metrics["provenance"]["data_kind"] == "folder"
+    # PNG/JPEG carry no view; two images per patient are aggregated by their mean probability.
+    assert c["by_view"] is None
+    patient = c["patient_level"]
+    assert patient["aggregate"] == "mean" and patient["label_rule"] == "max"
+    assert (patient["n_patients"], patient["n_images"], patient["n_positive"]) == (6, 12, 3)
+    assert patient["n_multi_image_patients"] == 6
+    cache = open_cache(Path(metrics["provenance"]["cache_path"]))
+    table = cache.table.iloc[cache.split.part("all")]
+    labels = table.groupby("patient_id")["label"].max()
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    rows = cache.split.part("all")
+    preds = predictor.predict_arrays(np.asarray(cache.images[rows]), cache.original_shapes[rows])
+    probs = table.assign(p=[p.probability for p in preds]).groupby("patient_id")["p"].mean()
+    assert patient["auroc"] == pytest.approx(roc_auc_score(labels, probs[labels.index]), abs=1e-9)
     html = (out / "report" / "index.html").read_text()
     assert "Ground-truth boxes are unavailable" in html
+    assert "Patients (mean probability)" in html and "6 patients" in html
     assert "box_sweep.png" not in html and not (out / "report" / "box_sweep.png").exists()
     assert all((out / "report" / link).is_file() for link in _png_links(html))
 
@@ -293,7 +328,11 @@ def test_cli_evaluate(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["provenance"]["box_config"]["rule"] == "otsu"
     assert metrics["provenance"]["split"]["name"] == "test"
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed
+    assert f"ECE {metrics['classification']['ece']:.4f}" in printed
+    for view, m in metrics["classification"]["by_view"]["views"].items():
+        assert f"{view} " in printed and f"({m['n']} images, {m['n_positive']} positive)" in printed
     assert (
         main(
             [

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from pneumoloc.metrics import (
     RSNA_IOU_THRESHOLDS,
     bootstrap_auroc_ci,
+    by_group_metrics,
     calibration_curve_bins,
     classification_metrics,
     expected_calibration_error,
@@ -21,10 +22,12 @@ from pneumoloc.metrics import (
     localisation_metrics,
     max_box_acc,
     notebook_mean_iou,
+    patient_level_metrics,
     pointing_game,
     roc_pr_curves,
     rsna_image_score,
     rsna_map,
+    view_shortcut_aurocs,
     youden_threshold,
 )
 from pneumoloc.metrics.classification import _weighted_auroc
@@ -434,3 +437,82 @@ def test_f1_threshold_maximises_tp_over_tp_fp_fn() -> None:
     assert t > youden_threshold(y, p)
     with pytest.warns(UserWarning, match="one class"):
         assert f1_threshold([1, 1], [0.3, 0.9]) == 0.5
+
+
+# --------------------------------------------------------------------------- subgroups
+
+# AP: perfectly separated (AUROC 1); PA: every pair tied or inverted half the time (AUROC 0.5);
+# LL: negatives only.
+G_LAB = np.array([0, 1, 0, 1, 0, 1, 1, 0, 0, 0])
+G_PROB = np.array([0.1, 0.9, 0.2, 0.8, 0.5, 0.5, 0.3, 0.3, 0.7, 0.2])
+G_VIEW = np.array(["AP"] * 4 + ["PA"] * 4 + ["LL"] * 2)
+
+
+def test_by_group_metrics_known_aurocs_and_single_class() -> None:
+    m = by_group_metrics(G_LAB, G_PROB, G_VIEW, 0.5, n_boot=200)
+    assert list(m) == ["AP", "LL", "PA"]
+    ap, pa, ll = m["AP"], m["PA"], m["LL"]
+    assert (ap["n"], ap["n_positive"], pa["n"], pa["n_positive"]) == (4, 2, 4, 2)
+    assert ap["auroc"] == 1.0 and (ap["auroc_ci_low"], ap["auroc_ci_high"]) == (1.0, 1.0)
+    assert ap["sensitivity"] == 1.0 and ap["specificity"] == 1.0
+    assert pa["auroc"] == 0.5
+    # PA at 0.5: positives 0.5 (flagged), 0.3 (missed); negatives 0.5 (flagged), 0.3 (not).
+    assert pa["sensitivity"] == 0.5 and pa["specificity"] == 0.5
+    assert pa["auroc_ci_low"] is not None and pa["auroc_ci_low"] <= 0.5 <= pa["auroc_ci_high"]
+    assert (ll["n"], ll["n_positive"]) == (2, 0)
+    assert ll["auroc"] is None and ll["auroc_ci_low"] is None and ll["sensitivity"] is None
+    assert ll["specificity"] == 0.5  # 0.7 flagged, 0.2 not
+    # Each group's numbers are classification_metrics on that group alone.
+    whole = classification_metrics(G_LAB[:4], G_PROB[:4], 0.5, n_boot=200)
+    assert all(ap[k] == whole[k] for k in ap)
+    assert set(by_group_metrics(G_LAB, G_PROB, G_VIEW, 0.5, n_boot=0)["PA"]) == set(pa)
+    assert by_group_metrics(G_LAB, G_PROB, G_VIEW, 0.5, n_boot=0)["PA"]["auroc_ci_low"] is None
+    json.dumps(m, allow_nan=False)
+    with pytest.raises(ValueError, match="groups"):
+        by_group_metrics(G_LAB, G_PROB, G_VIEW[:-1], 0.5)
+
+
+def test_view_shortcut_aurocs() -> None:
+    # The view is the label (AP = positive): the shortcut alone is perfect; a model whose
+    # probability is the view's is perfectly view-predictable. LL images are left out.
+    views = np.array(["AP", "AP", "PA", "PA", "PA", "LL"])
+    labels = np.array([1, 1, 0, 0, 1, 1])
+    s = view_shortcut_aurocs(labels, [0.9, 0.8, 0.1, 0.2, 0.3, 0.0], views)
+    # view alone: positives AP, AP, PA vs negatives PA, PA -> (2 * 2 + 1 * 2 * 0.5) / 6
+    assert s["view_only_auroc"] == pytest.approx(5 / 6)
+    assert s["view_predictability_auroc"] == 1.0
+    flipped = view_shortcut_aurocs(labels, [0.1, 0.2, 0.9, 0.8, 0.7, 0.0], views)
+    assert flipped["view_predictability_auroc"] == 0.0
+    one_view = view_shortcut_aurocs([0, 1, 1], [0.1, 0.2, 0.3], ["AP", "AP", ""])
+    assert one_view == {"view_only_auroc": None, "view_predictability_auroc": None}
+    one_label = view_shortcut_aurocs([0, 0, 1], [0.1, 0.2, 0.3], ["AP", "PA", "LL"])
+    assert one_label["view_only_auroc"] is None
+    assert one_label["view_predictability_auroc"] == 0.0
+
+
+def test_patient_level_mean_probability_and_max_label() -> None:
+    ids = ["a", "a", "b", "b", "c", "d"]
+    labels = [0, 1, 1, 1, 0, 0]
+    # a: mean 0.55 >= 0.5 flagged although one image is below; label max = 1.
+    # b: mean 0.45 < 0.5 missed although one image is above.
+    # c: 0.6 flagged negative (false positive); d: 0.1 true negative.
+    probs = [0.3, 0.8, 0.2, 0.7, 0.6, 0.1]
+    m = patient_level_metrics(labels, probs, ids, 0.5, n_boot=100)
+    assert m is not None
+    assert m["aggregate"] == "mean" and m["label_rule"] == "max"
+    assert (m["n_patients"], m["n_images"], m["n_multi_image_patients"]) == (4, 6, 2)
+    assert m["n_positive"] == 2 and m["prevalence"] == 0.5
+    assert m["confusion"] == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5
+    # positives a 0.55, b 0.45 vs negatives c 0.6, d 0.1: only a > d and b > d, so 2 / 4
+    assert m["auroc"] == pytest.approx(0.5)
+    assert m["auprc"] is not None and m["auroc_ci_low"] is not None
+    json.dumps(m, allow_nan=False)
+    # One image per patient: nothing to aggregate.
+    assert patient_level_metrics([0, 1], [0.2, 0.8], ["x", "y"], 0.5) is None
+    # One class over patients: AUROC undefined.
+    single = patient_level_metrics([1, 1, 1], [0.2, 0.9, 0.7], ["p", "p", "q"], 0.5, n_boot=10)
+    assert single is not None and single["auroc"] is None and single["auroc_ci_low"] is None
+    assert single["sensitivity"] == 1.0  # p: 0.55, q: 0.7
+    with pytest.raises(ValueError, match="patient_ids"):
+        patient_level_metrics([0, 1], [0.2, 0.8], ["x"], 0.5)

@@ -192,3 +192,37 @@ def test_html_escapes_data_and_links_relatively(tmp_path: Path) -> None:
     assert "http://" not in text and "https://" not in text  # no external asset
     path = write_report(tmp_path / "r", _metrics(), {}, [])
     assert path == tmp_path / "r" / "index.html" and "No example images" in path.read_text()
+
+
+def test_html_tables_views_and_patients() -> None:
+    metrics = _metrics()
+    view = {"n_positive": 4, "auroc_ci_low": 0.6, "auroc_ci_high": 0.9}
+    metrics["classification"]["by_view"] = {
+        "views": {
+            "AP": {**view, "n": 10, "auroc": 0.75, "sensitivity": 0.5, "specificity": 0.8},
+            "PA": {"n": 3, "n_positive": 0, "auroc": None, "auroc_ci_low": None},
+        },
+        "view_only_auroc": 0.6875,
+        "view_predictability_auroc": 0.8125,
+    }
+    metrics["classification"]["patient_level"] = {
+        "aggregate": "mean",
+        "n_patients": 7,
+        "n_multi_image_patients": 2,
+        "n_positive": 3,
+        "auroc": 0.8333,
+        "auroc_ci_low": None,
+        "auprc": 0.9,
+        "sensitivity": 1.0,
+        "specificity": 0.25,
+    }
+    text = render_html(metrics, {}, [])
+    rows = re.findall(r"<tr><th>([^<]+)</th>((?:<td class='num'>[^<]*</td>)+)</tr>", text)
+    cells = {name: re.findall(r"<td class='num'>([^<]*)</td>", tds) for name, tds in rows}
+    assert cells["View AP"] == ["10 images", "4", "0.750 (0.600-0.900)", "0.500", "0.800"]
+    assert cells["View PA"] == ["3 images", "0", "n/a", "n/a", "n/a"]
+    assert cells["Patients (mean probability)"] == ["7 patients", "3", "0.833", "1.000", "0.250"]
+    assert "AUROC 0.688, the shortcut baseline" in text and "AUROC 0.812;" in text
+    assert "the mean of its images'" in text
+    plain = render_html(_metrics(), {}, [])
+    assert "View AP" not in plain and "no within-view or patient-level breakdown" in plain

@@ -219,14 +219,43 @@ def _resolve_box_config(
     return dataclasses.replace(predictor.box_config, **dict(box_config))
 
 
+UNKNOWN_VIEW = "unknown"
+"""The ``by_view`` group of images without a recorded view (JPEG/PNG among DICOMs)."""
+
+
+def _by_view(
+    preds: EvalPredictions, views: np.ndarray | None, threshold: float, n_boot: int
+) -> dict[str, Any] | None:
+    """Within-view metrics and the view-shortcut baselines; None when no image has a view."""
+    from pneumoloc.metrics import by_group_metrics, view_shortcut_aurocs
+
+    if views is None or not len(preds):
+        return None
+    names = np.array([str(v).strip().upper() or UNKNOWN_VIEW for v in views], dtype=object)
+    if np.all(names == UNKNOWN_VIEW):
+        return None
+    return {
+        "source": "DICOM ViewPosition",
+        "views": by_group_metrics(preds.labels, preds.probs, names, threshold, n_boot=n_boot),
+        **view_shortcut_aurocs(preds.labels, preds.probs, names),
+    }
+
+
 def _classification(
-    preds: EvalPredictions, threshold: float, n_boot: int, temperature: float = 1.0
+    preds: EvalPredictions,
+    threshold: float,
+    n_boot: int,
+    temperature: float = 1.0,
+    *,
+    views: np.ndarray | None = None,
+    patient_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     from pneumoloc.inference.calibration import apply_temperature
     from pneumoloc.metrics import (
         calibration_curve_bins,
         classification_metrics,
         expected_calibration_error,
+        patient_level_metrics,
         roc_pr_curves,
     )
 
@@ -236,6 +265,12 @@ def _classification(
     metrics["temperature"] = temperature
     metrics["ece_uncalibrated"] = (
         expected_calibration_error(preds.labels, raw) if len(preds) else None
+    )
+    metrics["by_view"] = _by_view(preds, views, threshold, n_boot)
+    metrics["patient_level"] = (
+        patient_level_metrics(preds.labels, preds.probs, patient_ids, threshold, n_boot=n_boot)
+        if patient_ids is not None and len(preds)
+        else None
     )
     both = 0 < int(preds.labels.sum()) < len(preds)
     curves = (
@@ -248,6 +283,13 @@ def _classification(
         "curves": curves,
         "calibration": calibration_curve_bins(preds.labels, preds.probs),
     }
+
+
+def _table_column(cache: Cache, column: str, rows: np.ndarray) -> np.ndarray | None:
+    """One column of the cache's index at ``rows`` as strings; None if the index lacks it."""
+    if column not in cache.table.columns:
+        return None
+    return cache.table[column].fillna("").astype(str).to_numpy()[rows]
 
 
 def _localisation(preds: EvalPredictions) -> dict[str, Any]:
@@ -431,7 +473,11 @@ def evaluate(
         progress: Show progress bars.
 
     Returns:
-        The metrics dict written to ``metrics.json``.
+        The metrics dict written to ``metrics.json``. Besides the image-level numbers,
+        ``classification`` holds ``by_view`` (metrics within each DICOM view position, the
+        view-only AUROC and the AUROC with which the probability predicts the view; None when
+        no image records a view) and ``patient_level`` (mean probability per patient; None
+        when every patient has one image).
 
     Raises:
         ConfigError: Unknown split, or tuning asked with a split other than "test".
@@ -492,7 +538,14 @@ def evaluate(
 
     preds = predict_split(predictor, cache, rows, progress=progress)
     metrics: dict[str, Any] = {
-        "classification": _classification(preds, threshold, n_boot, predictor.temperature),
+        "classification": _classification(
+            preds,
+            threshold,
+            n_boot,
+            predictor.temperature,
+            views=_table_column(cache, "view", rows),
+            patient_ids=_table_column(cache, "patient_id", rows),
+        ),
         "localisation": _localisation(preds) if cache.has_boxes else None,
     }
     if not cache.has_boxes:

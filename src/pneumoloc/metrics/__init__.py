@@ -2,11 +2,14 @@
 
 from pneumoloc.metrics.classification import (
     bootstrap_auroc_ci,
+    by_group_metrics,
     calibration_curve_bins,
     classification_metrics,
     expected_calibration_error,
     f1_threshold,
+    patient_level_metrics,
     roc_pr_curves,
+    view_shortcut_aurocs,
     youden_threshold,
 )
 from pneumoloc.metrics.localisation import (
@@ -25,6 +28,7 @@ __all__ = [
     "RSNA_IOU_THRESHOLDS",
     "as_boxes",
     "bootstrap_auroc_ci",
+    "by_group_metrics",
     "calibration_curve_bins",
     "classification_metrics",
     "expected_calibration_error",
@@ -33,9 +37,11 @@ __all__ = [
     "localisation_metrics",
     "max_box_acc",
     "notebook_mean_iou",
+    "patient_level_metrics",
     "pointing_game",
     "roc_pr_curves",
     "rsna_image_score",
     "rsna_map",
+    "view_shortcut_aurocs",
     "youden_threshold",
 ]

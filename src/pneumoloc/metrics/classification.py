@@ -27,10 +27,14 @@ from sklearn.metrics import (
 
 __all__ = [
     "bootstrap_auroc_ci",
+    "by_group_metrics",
     "calibration_curve_bins",
     "classification_metrics",
     "expected_calibration_error",
+    "f1_threshold",
+    "patient_level_metrics",
     "roc_pr_curves",
+    "view_shortcut_aurocs",
     "youden_threshold",
 ]
 
@@ -346,4 +350,156 @@ def calibration_curve_bins(y_true: Any, prob: Any, n_bins: int = 10) -> dict[str
         "observed_fraction": observed,
         "mean_predicted": mean_pred,
         "counts": [int(c) for c in counts],
+    }
+
+
+# Keys of classification_metrics kept for a subgroup (by view) and for the patient level.
+_GROUP_KEYS = (
+    "n",
+    "n_positive",
+    "prevalence",
+    "auroc",
+    "auroc_ci_low",
+    "auroc_ci_high",
+    "sensitivity",
+    "specificity",
+)
+_PATIENT_KEYS = (*_GROUP_KEYS[1:], "auprc", "precision", "confusion")
+
+
+def by_group_metrics(
+    y_true: Any,
+    prob: Any,
+    groups: Any,
+    threshold: float,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Classification metrics within each group of images (e.g. each view position).
+
+    Every group with at least one image gets ``n, n_positive, prevalence, auroc, auroc_ci_low,
+    auroc_ci_high, sensitivity, specificity`` as :func:`classification_metrics` computes them on
+    that group alone, at the same ``threshold`` and bootstrap ``seed``: AUROC and its interval
+    are ``None`` for a group holding one class only.
+
+    Args:
+        y_true: 0/1 labels.
+        prob: Predicted probabilities of the positive class.
+        groups: One group value per image; keys of the result are ``str(value)``.
+        threshold: Operating point; a case is positive when ``prob >= threshold``.
+        n_boot: Bootstrap resamples of each group's AUROC CI (0 to skip it).
+        seed: Bootstrap seed.
+
+    Returns:
+        Group name -> metrics, in sorted order of the names.
+    """
+    y, p = _validate(y_true, prob)
+    g = np.asarray(groups).reshape(-1).astype(str)
+    if g.shape != y.shape:
+        raise ValueError(f"y_true has {y.size} values but groups has {g.size}")
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(g.tolist())):
+        mask = g == name
+        m = classification_metrics(y[mask], p[mask], threshold, n_boot=n_boot, seed=seed)
+        out[name] = {k: m[k] for k in _GROUP_KEYS}
+    return out
+
+
+def view_shortcut_aurocs(
+    y_true: Any,
+    prob: Any,
+    views: Any,
+    *,
+    positive_view: str = "AP",
+    negative_view: str = "PA",
+) -> dict[str, float | None]:
+    """How far the view position alone explains the label, and how well the model reads it.
+
+    On RSNA, portable AP films are far more often positive than PA ones, so a classifier can
+    score well by recognising the view. Two AUROCs over the images whose view is one of the two
+    (others are left out) measure this shortcut:
+
+    - ``view_only_auroc``: the view as a predictor of the label (``positive_view`` = 1,
+      ``negative_view`` = 0), the baseline any model must beat;
+    - ``view_predictability_auroc``: the model's probability as a predictor of the view
+      (``positive_view`` = 1); near 0.5 means its score carries little view information.
+
+    Args:
+        y_true: 0/1 labels.
+        prob: Predicted probabilities of the positive class.
+        views: One view value per image (e.g. the DICOM ViewPosition).
+        positive_view: The view scored 1.
+        negative_view: The view scored 0.
+
+    Returns:
+        Both AUROCs; each is ``None`` unless both views are present (``view_only_auroc`` also
+        needs both labels among those images).
+    """
+    y, p = _validate(y_true, prob)
+    v = np.asarray(views).reshape(-1).astype(str)
+    if v.shape != y.shape:
+        raise ValueError(f"y_true has {y.size} values but views has {v.size}")
+    keep = (v == positive_view) | (v == negative_view)
+    is_pos_view = (v[keep] == positive_view).astype(np.int64)
+    y_kept, p_kept = y[keep], p[keep]
+    both_views = _both_classes(is_pos_view)
+    view_only = (
+        float(roc_auc_score(y_kept, is_pos_view)) if both_views and _both_classes(y_kept) else None
+    )
+    predictability = float(roc_auc_score(is_pos_view, p_kept)) if both_views else None
+    return {"view_only_auroc": view_only, "view_predictability_auroc": predictability}
+
+
+def patient_level_metrics(
+    y_true: Any,
+    prob: Any,
+    patient_ids: Any,
+    threshold: float,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Classification metrics per patient, for data where a patient may have several images.
+
+    A patient's probability is the mean of its images' probabilities and its label the maximum
+    of their labels (positive if any image is); it is predicted positive when that mean is
+    ``>= threshold``. The bootstrap resamples patients.
+
+    Args:
+        y_true: 0/1 labels, one per image.
+        prob: Predicted probabilities of the positive class, one per image.
+        patient_ids: The patient of each image.
+        threshold: Operating point, applied to the patient's mean probability.
+        n_boot: Bootstrap resamples of the AUROC CI (0 to skip it).
+        seed: Bootstrap seed.
+
+    Returns:
+        ``None`` when every patient has exactly one image (the image-level metrics already are
+        the patient-level ones); otherwise ``aggregate: "mean"``, ``label_rule: "max"``,
+        ``n_patients``, ``n_images``, ``n_multi_image_patients`` and, over patients,
+        ``n_positive, prevalence, auroc, auroc_ci_low, auroc_ci_high, sensitivity,
+        specificity, auprc, precision, confusion`` as in :func:`classification_metrics`.
+    """
+    y, p = _validate(y_true, prob)
+    ids = np.asarray(patient_ids).reshape(-1).astype(str)
+    if ids.shape != y.shape:
+        raise ValueError(f"y_true has {y.size} values but patient_ids has {ids.size}")
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if counts.max() < 2:
+        return None
+    patient_prob = np.bincount(inverse, weights=p) / counts
+    patient_label = np.zeros(counts.size, np.int64)
+    np.maximum.at(patient_label, inverse, y)
+    # Rounding of the mean may step a hair outside [0, 1].
+    patient_prob = np.clip(patient_prob, 0.0, 1.0)
+    m = classification_metrics(patient_label, patient_prob, threshold, n_boot=n_boot, seed=seed)
+    return {
+        "aggregate": "mean",
+        "label_rule": "max",
+        "n_patients": int(counts.size),
+        "n_images": int(y.size),
+        "n_multi_image_patients": int((counts > 1).sum()),
+        **{k: m[k] for k in _PATIENT_KEYS},
+        "threshold": float(threshold),
     }

@@ -172,6 +172,72 @@ def _classification(c: Mapping[str, Any]) -> str:
     return _table(rows)
 
 
+def _auroc_ci(m: Mapping[str, Any]) -> str:
+    value = _num(m.get("auroc"))
+    if m.get("auroc") is not None and m.get("auroc_ci_low") is not None:
+        value += f" ({m['auroc_ci_low']:.3f}-{m['auroc_ci_high']:.3f})"
+    return value
+
+
+def _subgroup_row(name: str, m: Mapping[str, Any], n: Any) -> str:
+    cells = [
+        _e(n),
+        _e(m.get("n_positive")),
+        _auroc_ci(m),
+        _num(m.get("sensitivity")),
+        _num(m.get("specificity")),
+    ]
+    return (
+        f"<tr><th>{_e(name)}</th>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>"
+    )
+
+
+def _subgroups(c: Mapping[str, Any]) -> str:
+    """Within-view and patient-level metrics: one table, or a note when neither applies."""
+    by_view = c.get("by_view")
+    patient = c.get("patient_level")
+    if not by_view and not patient:
+        return (
+            "<p class='note'>No view position recorded and one image per patient: no "
+            "within-view or patient-level breakdown.</p>"
+        )
+    out = [
+        "<table>",
+        "<tr><th>Group</th><th>Cases</th><th>With pneumonia</th><th>AUROC (95% CI)</th>"
+        "<th>Sensitivity</th><th>Specificity</th></tr>",
+    ]
+    if by_view:
+        for view, m in (by_view.get("views") or {}).items():
+            out.append(_subgroup_row(f"View {view}", m, f"{m.get('n')} images"))
+    if patient:
+        out.append(
+            _subgroup_row(
+                "Patients (mean probability)", patient, f"{patient.get('n_patients')} patients"
+            )
+        )
+    out.append("</table>")
+    notes = []
+    if by_view:
+        notes.append(
+            f"View alone as a predictor of pneumonia (AP = 1, PA = 0): AUROC "
+            f"{_num(by_view.get('view_only_auroc'))}, the shortcut baseline. The model's "
+            f"probability as a predictor of the view (AP vs PA): AUROC "
+            f"{_num(by_view.get('view_predictability_auroc'))}; above 0.5 its score also "
+            "tracks the view, as even a sound model's does when one view is more often "
+            "positive, so read it beside the within-view AUROCs, each computed on that view's "
+            "images only."
+        )
+    if patient:
+        notes.append(
+            f"Patient level: {_e(patient.get('n_patients'))} patients "
+            f"({_e(patient.get('n_multi_image_patients'))} with several images); a patient's "
+            f"probability is the {_e(patient.get('aggregate'))} of its images', its label "
+            f"positive if any image is. AUPRC {_num(patient.get('auprc'))}."
+        )
+    out.extend(f"<p class='note'>{n}</p>" for n in notes)
+    return "\n".join(out)
+
+
 def _localisation(loc: Mapping[str, Any] | None, reason: str | None) -> str:
     if loc is None:
         return f"<p class='limits'>{_e(reason or 'Ground-truth boxes are unavailable.')}</p>"
@@ -225,6 +291,8 @@ def render_html(
         f"<p class='limits'>{_e(prov.get('limits', ''))}</p>",
         "<h2>Classification (image level)</h2>",
         _classification(metrics.get("classification", {})),
+        "<h3>By view position and by patient</h3>",
+        _subgroups(metrics.get("classification", {})),
         "<h2>Localisation (boxes)</h2>",
         _localisation(metrics.get("localisation"), metrics.get("localisation_unavailable")),
     ]
