@@ -65,12 +65,23 @@ def _overconfident_checkpoint(path: Path, cache_fingerprint: str) -> Path:
     return path
 
 
-def test_calibrate_command_lowers_ece_and_keeps_decisions(synth_rsna: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def synth_120(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 synthetic RSNA-layout images: a validation split with >= 5 images of each class."""
+    from pneumoloc.data.synthetic import SynthConfig, generate_rsna
+
+    out = tmp_path_factory.mktemp("synth-120")
+    generate_rsna(out, SynthConfig(n=120, seed=5, image_size=48, prevalence=0.4))
+    return out
+
+
+def test_calibrate_command_lowers_ece_and_keeps_decisions(synth_120: Path, tmp_path: Path) -> None:
     from pneumoloc.calibrate import calibrate
     from pneumoloc.cli import main
     from pneumoloc.evaluate import evaluate
 
-    cache = prepare_cache(synth_rsna, tmp_path / "c", size=32, workers=1, progress=False)
+    cache = prepare_cache(synth_120, tmp_path / "c", size=32, workers=1, progress=False)
+    assert min(np.bincount(cache.labels[cache.split.part("val")])) >= 5
     ckpt = _overconfident_checkpoint(tmp_path / "m.pt", cache.fingerprint)
     result = calibrate(ckpt, cache.root, tmp_path / "cal.pt", device="cpu")
     assert result.temperature > 1.5 and result.ece_after < result.ece_before
@@ -99,3 +110,12 @@ def test_calibrate_command_lowers_ece_and_keeps_decisions(synth_rsna: Path, tmp_
     other = _overconfident_checkpoint(tmp_path / "o.pt", "another-cache")
     with pytest.raises(ConfigError, match="not the cache"):
         calibrate(other, cache.root, tmp_path / "o2.pt", device="cpu")
+
+
+def test_calibration_refuses_a_tiny_validation_split(synth_rsna: Path, tmp_path: Path) -> None:
+    from pneumoloc.calibrate import calibrate
+
+    cache = prepare_cache(synth_rsna, tmp_path / "c", size=32, workers=1, progress=False)
+    ckpt = _overconfident_checkpoint(tmp_path / "m.pt", cache.fingerprint)
+    with pytest.raises(ConfigError, match="at least 5 validation images of each class"):
+        calibrate(ckpt, cache.root, tmp_path / "cal.pt", device="cpu")

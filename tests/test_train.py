@@ -124,7 +124,15 @@ def test_train_end_to_end_writes_run(easy_cache: Path, tmp_path: Path) -> None:
         assert key in ckpt, key
     assert ckpt["cam_layer"] and 0 <= ckpt["threshold"] <= 1
     # The box gate: F1-optimal on the validation labels (an image-level choice, no boxes).
-    assert ckpt["box_threshold"] == ckpt["metrics"]["val"]["box_threshold"]
+    # best.pt is calibrated at the end (temperature on the validation split) and both
+    # thresholds are mapped to the calibrated scale, so they decide exactly as the raw ones.
+    from pneumoloc.inference.calibration import map_threshold
+
+    t = ckpt["temperature"]
+    assert t > 0 and ckpt["calibration"]["split"] == "val"
+    val = ckpt["metrics"]["val"]
+    assert ckpt["box_threshold"] == pytest.approx(map_threshold(val["box_threshold"], t))
+    assert ckpt["threshold"] == pytest.approx(map_threshold(val["threshold"], t))
     assert 0 <= ckpt["box_threshold"] <= 1
     model, meta = model_from_checkpoint(run / "best.pt")
     assert meta["image_size"] == 32 and not model.training

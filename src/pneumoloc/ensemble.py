@@ -148,7 +148,12 @@ def build_ensemble(
     payload["metrics"] = {
         "val": classification_metrics(labels, probs, payload["threshold"], n_boot=0)
     }
-    payload = calibrate_payload(payload, probs, labels, split="val", fingerprint=cache.fingerprint)
+    try:
+        payload = calibrate_payload(
+            payload, probs, labels, split="val", fingerprint=cache.fingerprint
+        )
+    except ConfigError as exc:
+        logger.warning("%s: not calibrated: %s", out, exc)
     save_checkpoint(out, payload)
     logger.info(
         "%s: %d members, val AUROC %.4f, threshold %.4f, temperature %.3f",
@@ -156,10 +161,14 @@ def build_ensemble(
         len(members),
         payload["metrics"]["val"].get("auroc", float("nan")),
         payload["threshold"],
-        payload["temperature"],
+        payload.get("temperature", 1.0),
     )
     return EnsembleResult(
-        Path(out), len(members), payload["threshold"], payload["temperature"], payload["metrics"]
+        Path(out),
+        len(members),
+        payload["threshold"],
+        float(payload.get("temperature", 1.0)),
+        payload["metrics"],
     )
 
 

@@ -26,10 +26,11 @@ import torch
 
 from pneumoloc._runtime import resolve_device
 from pneumoloc.data.cache import Cache, resolve_cache
-from pneumoloc.data.datasets import ImageLabelDataset, training_dataset
+from pneumoloc.data.datasets import ImageLabelDataset, SourcesDataset, training_dataset
 from pneumoloc.data.records import LABEL_NAMES
 from pneumoloc.errors import ConfigError, DataError
 from pneumoloc.models.checkpoint import save_checkpoint
+from pneumoloc.training.calibration import calibrate_payload
 from pneumoloc.training.checkpointing import (
     checkpoint_payload,
     data_summary,
@@ -46,6 +47,13 @@ from pneumoloc.training.loop import (
     data_fits_on_device,
     plan_batches,
     train_epoch,
+)
+from pneumoloc.training.pseudo import check_disjoint, pseudo_label
+from pneumoloc.training.sources import (
+    TrainSources,
+    balanced_weights,
+    build_sources,
+    validate_sources,
 )
 from pneumoloc.training.state import ResumePoint, TrainState, build_train_state, lr_factor
 from pneumoloc.training.validation import (
@@ -81,17 +89,32 @@ class TrainResult:
 
 @dataclass
 class TrainData:
-    """The opened cache, its training and validation splits, and what the loss needs of them."""
+    """The opened cache, its training and validation splits, and what the loss needs of them.
+
+    With more than one source (``extra_data``, or pseudo-labelled ``unlabelled`` images),
+    ``sources`` holds them all and ``train_set`` is their :class:`SourcesDataset`; ``cache`` and
+    ``val_set`` are the primary source's.
+    """
 
     cache: Cache
-    train_set: ImageLabelDataset
+    train_set: ImageLabelDataset | SourcesDataset
     val_set: ImageLabelDataset
     pos_weight: float
+    sources: TrainSources | None = None
 
     @property
     def summary(self) -> dict[str, Any]:
         """The checkpoints' ``data``: which data the model was trained on."""
-        return data_summary(self.cache, len(self.train_set), len(self.val_set))
+        out = data_summary(self.cache, len(self.train_set), len(self.val_set))
+        if self.sources is not None:
+            out["sources"] = self.sources.summaries
+            out["n_val"] = sum(len(v) for v in self.sources.val.values())
+        return out
+
+    @property
+    def per_source_validation(self) -> bool:
+        """Whether validation scores several labelled sources separately."""
+        return self.sources is not None and len(self.sources.val) > 1
 
 
 @dataclass(frozen=True)
@@ -150,7 +173,7 @@ def _train(
     cache: Cache | None,
 ) -> TrainResult:
     device = resolve_device(config.device, ctx.local_rank)
-    data = _open_data(config, ctx, cache)
+    data = _open_data(config, ctx, cache, device)
     batches = plan_batches(config, ctx, data.train_set)
     state = build_train_state(config, ctx, device, build_model, batches.steps_per_epoch)
     # Whole training set on the GPU as uint8 when it fits: batches are gathered on the device.
@@ -166,6 +189,8 @@ def _train(
     state.last_val = state.history[-1]["val"] if state.history else {}
     try:
         _run_epochs(config, ctx, state, data, batches, files, step_callback)
+        if config.calibrate and ctx.is_main and files.best.is_file():
+            _calibrate_best(config, data, files.best, device)
     except KeyboardInterrupt:
         if ctx.is_main:
             _save_interrupted(config, state, data, batches, files)
@@ -176,19 +201,31 @@ def _train(
     return _result(state, files)
 
 
-def _open_data(config: TrainConfig, ctx: DistContext, cache: Cache | None) -> TrainData:
-    """Open (rank 0 prepares if needed) the cache, check it, and start the run folder."""
+def _open_cache(
+    path: str, config: TrainConfig, ctx: DistContext, *, unlabelled: bool = False
+) -> Cache:
+    """Open a cache, or prepare it (rank 0 only; the others wait, then open it)."""
+    cache = None
+    if ctx.is_main:
+        cache = resolve_cache(
+            path,
+            size=config.image_size,
+            split_seed=config.split_seed,
+            progress=config.progress,
+            unlabelled=unlabelled,
+        )
+    ctx.barrier()
     if cache is None:
-        if ctx.is_main:
-            cache = resolve_cache(
-                config.data,
-                size=config.image_size,
-                split_seed=config.split_seed,
-                progress=config.progress,
-            )
-        ctx.barrier()
-        if cache is None:
-            cache = resolve_cache(config.data, size=config.image_size)
+        cache = resolve_cache(path, size=config.image_size, unlabelled=unlabelled)
+    return cache
+
+
+def _open_data(
+    config: TrainConfig, ctx: DistContext, cache: Cache | None, device: torch.device
+) -> TrainData:
+    """Open (rank 0 prepares if needed) the caches, check them, and start the run folder."""
+    if cache is None:
+        cache = _open_cache(config.data, config, ctx)
     train_set = training_dataset(cache, "train")
     val_set = training_dataset(cache, "val")
     _check_training_data(cache, train_set, config)
@@ -196,6 +233,13 @@ def _open_data(config: TrainConfig, ctx: DistContext, cache: Cache | None) -> Tr
         run_dir = Path(config.out)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_train_config(config, run_dir / "config.yaml")
+    if config.extra_data or config.unlabelled:
+        sources = _open_sources(config, ctx, cache, device)
+        positive = sources.positive_fraction()
+        pos_weight = (
+            (1 - positive) / positive if config.pos_weight == "auto" else float(config.pos_weight)
+        )
+        return TrainData(cache, sources.train, val_set, pos_weight, sources)
     n_pos = float(train_set.labels.sum())
     pos_weight = (
         (len(train_set) - n_pos) / n_pos
@@ -205,7 +249,43 @@ def _open_data(config: TrainConfig, ctx: DistContext, cache: Cache | None) -> Tr
     return TrainData(cache, train_set, val_set, pos_weight)
 
 
+def _open_sources(
+    config: TrainConfig, ctx: DistContext, primary: Cache, device: torch.device
+) -> TrainSources:
+    """The extra labelled caches and the pseudo-labelled unlabelled cache, as sources."""
+    caches = [primary]
+    for path in config.extra_data:
+        extra = _open_cache(path, config, ctx)
+        _check_training_data(extra, training_dataset(extra, "train"), config)
+        caches.append(extra)
+    pseudo = None
+    if config.unlabelled is not None and config.teacher is not None:
+        unlabelled = _open_cache(config.unlabelled, config, ctx, unlabelled=True)
+        if unlabelled.manifest.get("kind") != "unlabelled":
+            raise DataError(
+                f"{unlabelled.root}: a labelled cache was given as unlabelled images; give it "
+                "as a source (--data A B) instead"
+            )
+        check_disjoint(unlabelled, caches)
+        labels = pseudo_label(
+            config.teacher, unlabelled, fraction=config.pseudo_fraction, device=str(device)
+        )
+        pseudo = (unlabelled, labels)
+    sources = build_sources(caches, config.source_weights, pseudo)
+    logger.info(
+        "training sources %s, %d items per epoch",
+        sources.train.sizes(),
+        config.samples_per_epoch or len(sources.train.parts) * min(sources.train.sizes().values()),
+    )
+    return sources
+
+
 def _check_training_data(cache: Cache, train: ImageLabelDataset, config: TrainConfig) -> None:
+    if cache.manifest.get("kind") == "unlabelled":
+        raise DataError(
+            f"{cache.root}: an unlabelled cache cannot be a labelled source; pass it with "
+            "--unlabelled (and a --teacher)"
+        )
     if cache.size != config.image_size:
         raise DataError(
             f"{cache.root}: cache images are {cache.size} px but the model is trained at "
@@ -256,13 +336,22 @@ def _run_epochs(
             step_callback=step_callback,
         )
         # Validation: every rank scores its share, rank 0 sees them all.
-        state.last_val = validate(
-            state,
-            data.val_set,
-            ctx,
-            pos_weight=data.pos_weight,
-            channels_last=config.channels_last,
-        )
+        if data.per_source_validation and data.sources is not None:
+            state.last_val = validate_sources(
+                state,
+                data.sources.val,
+                ctx,
+                pos_weight=data.pos_weight,
+                channels_last=config.channels_last,
+            )
+        else:
+            state.last_val = validate(
+                state,
+                data.val_set,
+                ctx,
+                pos_weight=data.pos_weight,
+                channels_last=config.channels_last,
+            )
         improved = state.update_best(monitored_value(state.last_val), epoch)
         record = {
             "epoch": epoch + 1,
@@ -333,6 +422,44 @@ def _save_interrupted(
     save_checkpoint(files.last, payload)
     logger.warning(
         "interrupted: resumable checkpoint saved to %s (continue with --resume)", files.last
+    )
+
+
+def _calibrate_best(config: TrainConfig, data: TrainData, path: Path, device: torch.device) -> None:
+    """Fit ``best.pt``'s temperature on the validation split(s); thresholds mapped, decisions
+    unchanged (see ``pneumoloc calibrate``)."""
+    from pneumoloc.models.checkpoint import load_checkpoint, model_from_checkpoint
+
+    vals = data.sources.val if data.per_source_validation and data.sources else {"": data.val_set}
+    vals = {k: v for k, v in vals.items() if len(v)}
+    if not vals:
+        return
+    payload = load_checkpoint(path)
+    model, _ = model_from_checkpoint(payload, device=device)
+    probs = [predict_probabilities(model, v, device=device) for v in vals.values()]
+    labels = [v.labels for v in vals.values()]
+    try:
+        calibrated = calibrate_payload(
+            payload,
+            np.concatenate(probs),
+            np.concatenate(labels),
+            split="val",
+            fingerprint=data.cache.fingerprint,
+            weights=balanced_weights(labels),
+        )
+    except ConfigError as exc:
+        logger.warning("%s: not calibrated: %s", path, exc)
+        return
+    for key in ("kind", "format", "saved_at", "pneumoloc_version"):
+        calibrated.pop(key, None)
+    save_checkpoint(path, calibrated)
+    info = calibrated["calibration"]
+    logger.info(
+        "calibrated %s: temperature %.3f, validation ECE %.4f -> %.4f",
+        path,
+        calibrated["temperature"],
+        info["ece_before"],
+        info["ece_after"],
     )
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoloc import __version__
-from pneumoloc.data.folder import index_data
+from pneumoloc.data.folder import index_data, index_unlabelled
 from pneumoloc.data.records import DatasetIndex
 from pneumoloc.data.splits import Split, patient_split
 from pneumoloc.errors import CacheError, ImageReadError
@@ -248,6 +248,7 @@ def prepare_cache(
     chunk_size: int = 32,
     progress: bool = True,
     max_rows: int | None = None,
+    unlabelled: bool = False,
 ) -> Cache:
     """Decode a data folder into a cache, resuming and updating an existing one.
 
@@ -264,6 +265,8 @@ def prepare_cache(
         chunk_size: Images per task handed to a worker.
         progress: Show a progress bar.
         max_rows: Only cache the first N labelled images (for quick experiments).
+        unlabelled: Cache every image of the folder as unlabelled (label -1, for
+            semi-supervised training); all rows are in the "train" part, none in val or test.
 
     Returns:
         The opened cache.
@@ -272,12 +275,17 @@ def prepare_cache(
 
     if size < 16 or size > 4096:
         raise CacheError(f"cache image size must be between 16 and 4096 px, got {size}")
-    index = index_data(data)
+    index = index_unlabelled(data) if unlabelled else index_data(data)
+    if unlabelled:
+        fractions = (1.0, 0.0, 0.0)
     if max_rows is not None:
         index.records = index.records[:max_rows]
     if not index.records:
         raise CacheError(f"{data}: no labelled images found")
-    out = Path(out) if out is not None else default_cache_dir(data, size)
+    if out is None:
+        out = default_cache_dir(data, size)
+        out = out.with_name(out.name + "-unlabelled") if unlabelled else out
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = _file_table(index)
     n = len(files)
@@ -461,7 +469,7 @@ def _finish(
             "n_images": len(table),
             "n_ok": len(ok),
             "n_failed": len(failed),
-            "n_positive": int(table["label"].to_numpy()[ok].sum()),
+            "n_positive": int((table["label"].to_numpy()[ok] == 1).sum()),
             "n_missing_labelled": len(index.missing),
             "n_unlabelled": len(index.unlabelled),
             "fingerprint": fingerprint,

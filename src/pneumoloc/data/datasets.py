@@ -94,3 +94,56 @@ def training_dataset(cache, part: str) -> ImageLabelDataset:  # type: ignore[no-
     Hands over the images and labels only, never the cache itself.
     """
     return ImageLabelDataset(cache.images, cache.labels, cache.split.part(part))
+
+
+class SourcesDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Several :class:`ImageLabelDataset` one after the other, each a named source.
+
+    Position ``i`` of this dataset is position ``i - offset[s]`` of source ``s``. Like its parts
+    it holds images and labels only (no cache, no boxes).
+
+    Args:
+        sources: Name -> dataset, in order; every dataset's images have the same (H, W).
+    """
+
+    def __init__(self, sources: dict[str, ImageLabelDataset]) -> None:
+        if not sources:
+            raise DataError("no training sources")
+        shapes = {tuple(d.images.shape[1:]) for d in sources.values()}
+        if len(shapes) != 1:
+            raise DataError(f"sources have images of different sizes: {sorted(shapes)}")
+        self.names = list(sources)
+        self.parts = list(sources.values())
+        sizes = np.array([len(d) for d in self.parts], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.source_of = np.repeat(np.arange(len(self.parts)), sizes)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = int(self.source_of[i])
+        return self.parts[s][int(i - self.offsets[s])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of every position, float32."""
+        return np.concatenate([d.labels for d in self.parts]).astype(np.float32)
+
+    def sizes(self) -> dict[str, int]:
+        """Items per source."""
+        return {n: len(d) for n, d in zip(self.names, self.parts, strict=True)}
+
+    def gather(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch at once: uint8 (B, 1, H, W) and float32 (B,), in ``positions`` order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        h, w = self.parts[0].images.shape[1:]
+        images = torch.empty((len(positions), 1, h, w), dtype=torch.uint8)
+        labels = torch.empty(len(positions), dtype=torch.float32)
+        sources = self.source_of[positions]
+        for s, part in enumerate(self.parts):
+            where = np.flatnonzero(sources == s)
+            if len(where):
+                im, lab = part.gather(positions[where] - self.offsets[s])
+                images[where], labels[where] = im, lab
+        return images, labels

@@ -75,6 +75,39 @@ def index_folder(root: str | Path) -> DatasetIndex:
     return index
 
 
+UNLABELLED = -1
+"""The label of an image nobody labelled (an unlabelled cache's rows)."""
+
+
+def index_unlabelled(root: str | Path) -> DatasetIndex:
+    """Index every supported image under ``root`` (recursively) as unlabelled.
+
+    For semi-supervised training: the records carry label :data:`UNLABELLED` and each file is its
+    own patient (RSNA DICOMs are named by patientId). No box is read.
+
+    Raises:
+        DataError: The folder does not exist or holds no supported image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    records = [
+        XrayRecord(
+            image_id=path.relative_to(root).as_posix(),
+            patient_id=path.stem,
+            label=UNLABELLED,
+            path=path,
+        )
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and is_supported_file(path)
+    ]
+    if not records:
+        raise DataError(f"{root}: no DICOM, PNG or JPEG images found")
+    index = DatasetIndex(kind="unlabelled", root=root, records=records, has_boxes=False)
+    logger.info("unlabelled data at %s: %d images", root, len(records))
+    return index
+
+
 def index_data(root: str | Path) -> DatasetIndex:
     """Index any supported data folder: the RSNA layout or a NORMAL/PNEUMONIA folder."""
     from pneumoloc.data.rsna import index_rsna, is_rsna_layout

@@ -163,6 +163,11 @@ class BasePredictor:
         probabilities (B,), heatmaps (B, S, S) in [0, 1], and the images as uint8 numpy."""
         raise NotImplementedError
 
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Calibrated probabilities (B,) for uint8 images (B, S, S), without post-processing."""
+        probs = self.network(images)[0]
+        return apply_temperature(probs, self.temperature) if len(probs) else probs
+
     def heatmaps(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B,) and heatmaps (B, S, S) in [0, 1] for uint8 images (B, S, S).
 

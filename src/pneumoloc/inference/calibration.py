@@ -59,6 +59,7 @@ def fit_temperature(
     probabilities: Sequence[float] | np.ndarray,
     labels: Sequence[int] | np.ndarray,
     *,
+    weights: Sequence[float] | np.ndarray | None = None,
     bounds: tuple[float, float] = (0.05, 20.0),
 ) -> float:
     """The temperature minimising the labels' negative log-likelihood.
@@ -66,6 +67,7 @@ def fit_temperature(
     Args:
         probabilities: Uncalibrated probabilities of the positive class (validation split).
         labels: 0/1 labels, same length.
+        weights: Per-image weights of the likelihood (default: equal).
         bounds: Range searched for ``T``.
 
     Returns:
@@ -86,11 +88,14 @@ def fit_temperature(
     if y.size == 0 or y.min() == y.max():
         return 1.0
     z = logit(p)
+    w = np.ones_like(z) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape != z.shape:
+        raise ValueError(f"{z.size} probabilities but {w.size} weights")
 
     def nll(log_t: float) -> float:
         s = z / math.exp(log_t)
         # log(1 + exp(-s)) for positives, log(1 + exp(s)) for negatives, stably.
-        return float(np.mean(np.logaddexp(0.0, np.where(y > 0.5, -s, s))))
+        return float(np.average(np.logaddexp(0.0, np.where(y > 0.5, -s, s)), weights=w))
 
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     result = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})

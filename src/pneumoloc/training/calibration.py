@@ -14,7 +14,11 @@ from pneumoloc.errors import ConfigError
 from pneumoloc.inference.calibration import apply_temperature, fit_temperature, map_threshold
 from pneumoloc.metrics.classification import expected_calibration_error
 
-__all__ = ["calibrate_payload", "check_same_data", "split_probabilities"]
+__all__ = ["MIN_PER_CLASS", "calibrate_payload", "check_same_data", "split_probabilities"]
+
+MIN_PER_CLASS = 5
+"""Fewer validation images of a class than this and no temperature is fitted (one number
+fitted on a handful of images moves every probability the model gives)."""
 
 
 def split_probabilities(
@@ -40,12 +44,25 @@ def check_same_data(payload: dict[str, Any], cache: Any, what: str) -> None:
 
 
 def calibrate_payload(
-    payload: dict[str, Any], probs: np.ndarray, labels: np.ndarray, *, split: str, fingerprint: str
+    payload: dict[str, Any],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    split: str,
+    fingerprint: str,
+    weights: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict with a temperature fitted on ``probs`` (uncalibrated) and its
-    thresholds mapped so that every decision stays the same."""
+    thresholds mapped so that every decision stays the same. ``weights`` weight the images of
+    the fit (several sources: each source counts equally); ECE is reported unweighted."""
     old = float(payload.get("temperature") or 1.0)
-    temperature = fit_temperature(probs, labels)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)
+    if counts.min() < MIN_PER_CLASS:
+        raise ConfigError(
+            f"calibration needs at least {MIN_PER_CLASS} validation images of each class, got "
+            f"{counts[0]} negative and {counts[1]} positive; the checkpoint is left uncalibrated"
+        )
+    temperature = fit_temperature(probs, labels, weights=weights)
     out = dict(payload)
     for key in ("threshold", "box_threshold"):
         if out.get(key) is not None:

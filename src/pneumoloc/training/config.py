@@ -15,7 +15,16 @@ from pneumoloc.training.augment import AugmentConfig
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on. Saved as ``config.yaml`` in the run folder."""
+    """Everything a training run depends on. Saved as ``config.yaml`` in the run folder.
+
+    ``data`` is the primary labelled source; ``extra_data`` adds labelled sources (each split by
+    patient in its own cache, validated separately; checkpoints are selected on the mean of the
+    sources' validation AUROCs). ``unlabelled`` with ``teacher`` adds the teacher's confident
+    pseudo-labels of an unlabelled folder as one more training source (noisy student). With
+    several sources each gets a share of every epoch (``source_weights``, default equal;
+    ``samples_per_epoch`` items, default the number of sources times the smallest's size).
+    ``calibrate`` fits a temperature on the validation split(s) into ``best.pt`` at the end.
+    """
 
     data: str = ""
     out: str = "runs/train"
@@ -46,6 +55,14 @@ class TrainConfig:
     tensorboard: bool = False
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    # More sources, unlabelled images, calibration (see pneumoloc.training.sampling / .pseudo).
+    extra_data: list[str] = field(default_factory=list)
+    source_weights: list[float] | None = None
+    samples_per_epoch: int | None = None
+    unlabelled: str | None = None
+    teacher: str | None = None
+    pseudo_fraction: float = 0.5
+    calibrate: bool = True
 
     def validate(self) -> None:
         """Raise ConfigError on values that cannot work."""
@@ -61,6 +78,15 @@ class TrainConfig:
                 "data_on_device must be auto, yes or no",
             ),
             (bool(self.data), "data is required (a data folder or a cache folder)"),
+            (
+                (self.unlabelled is None) == (self.teacher is None),
+                "unlabelled images need a teacher checkpoint (noisy student) and vice versa",
+            ),
+            (0.0 < self.pseudo_fraction <= 1.0, "pseudo_fraction must be in (0, 1]"),
+            (
+                self.samples_per_epoch is None or self.samples_per_epoch >= 1,
+                "samples_per_epoch must be >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from pneumoloc.data.datasets import ImageLabelDataset
+from pneumoloc.data.datasets import ImageLabelDataset, SourcesDataset
 from pneumoloc.io.preprocess import standardise
 from pneumoloc.training.augment import augment_batch
 from pneumoloc.training.checkpointing import rng_states
 from pneumoloc.training.config import TrainConfig
 from pneumoloc.training.distributed import DistContext
+from pneumoloc.training.sampling import SourceBalancedSampler
 from pneumoloc.training.state import ResumePoint, TrainState
 
 StepCallback = Callable[[int, int], None]  # (epoch, step_in_epoch) after each optimiser step
@@ -49,8 +50,8 @@ def bce_or_focal(
 class TrainBatches:
     """This rank's training batches: sampler order, and the images on the device if they fit."""
 
-    dataset: ImageLabelDataset
-    sampler: DistributedSampler[Any]
+    dataset: ImageLabelDataset | SourcesDataset
+    sampler: Any  # DistributedSampler, or SourceBalancedSampler for several sources
     batch_size: int
     steps_per_epoch: int
     images: torch.Tensor | None = None  # the whole training set, uint8 on the device
@@ -79,16 +80,32 @@ class TrainBatches:
         self.images, self.labels = images.to(device), labels.to(device)
 
 
-def plan_batches(config: TrainConfig, ctx: DistContext, dataset: ImageLabelDataset) -> TrainBatches:
-    """A shuffling sampler over this rank's share and the number of steps an epoch takes."""
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        dataset,
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
-        shuffle=True,
-        seed=config.seed,
-        drop_last=False,
-    )
+def plan_batches(
+    config: TrainConfig, ctx: DistContext, dataset: ImageLabelDataset | SourcesDataset
+) -> TrainBatches:
+    """A shuffling sampler over this rank's share and the number of steps an epoch takes.
+
+    Several sources are drawn with fixed shares of each epoch (``SourceBalancedSampler``).
+    """
+    sampler: Any
+    if isinstance(dataset, SourcesDataset):
+        sampler = SourceBalancedSampler(
+            dataset,
+            config.source_weights,
+            num_samples=config.samples_per_epoch,
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            seed=config.seed,
+        )
+    else:
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=False,
+        )
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
