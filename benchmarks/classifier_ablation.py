@@ -209,7 +209,7 @@ def main() -> None:
             evaluate_model(name, run_dir / "best.pt", args.rsna, args.kermany)
     for variant in args.variants:
         members = [args.out / f"{variant}-s{s}" / "best.pt" for s in args.seeds]
-        if not all(m.is_file() for m in members):
+        if len(members) < 2 or not all(m.is_file() for m in members):
             continue
         name = f"ensemble({variant})"
         path = args.out / f"{name}.pt"

@@ -126,3 +126,35 @@ def test_unlabelled_images_never_include_held_out_ones(tmp_path: Path) -> None:
     assert unl_cache.manifest["kind"] == "unlabelled" and len(unl_cache.split.part("val")) == 0
     with pytest.raises(DataError, match="validation or test images"):
         check_disjoint(unl_cache, [cache])
+
+
+def test_one_threshold_for_two_sources_counts_each_equally() -> None:
+    from pneumoloc.training.sources import pooled_thresholds
+
+    rng = np.random.default_rng(0)
+    # Source A (adults): few positives, moderate scores. Source B (children): many positives
+    # with high scores. A pooled Youden favours B; the mean of the per-source J does not.
+    ya = (np.arange(200) < 40).astype(int)
+    pa = np.clip(rng.normal(0.30 + 0.25 * ya, 0.08), 0, 1)
+    yb = (np.arange(800) < 600).astype(int)
+    pb = np.clip(rng.normal(0.55 + 0.35 * yb, 0.08), 0, 1)
+
+    def mean_j(t: float) -> float:
+        return float(
+            np.mean(
+                [
+                    ((p >= t) & (y == 1)).sum() / (y == 1).sum()
+                    - ((p >= t) & (y == 0)).sum() / (y == 0).sum()
+                    for y, p in ((ya, pa), (yb, pb))
+                ]
+            )
+        )
+
+    threshold, box = pooled_thresholds([ya, yb], [pa, pb])
+    grid = np.linspace(0, 1, 501)
+    assert mean_j(threshold) >= max(mean_j(t) for t in grid) - 1e-9
+    assert 0 < box < 1
+    # A single source gives the usual Youden threshold.
+    from pneumoloc.metrics.classification import youden_threshold
+
+    assert pooled_thresholds([ya], [pa])[0] == pytest.approx(youden_threshold(ya, pa))

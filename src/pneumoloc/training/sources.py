@@ -5,8 +5,7 @@ Kermany children never mix across parts); training draws from all of them with f
 (:mod:`pneumoloc.training.sampling`), and validation scores each source on its own validation
 split (:func:`validate_sources`). The checkpoint is selected on the mean of the sources'
 validation AUROCs, so a large, easy source cannot hide a small, hard one; its decision and box
-thresholds are chosen on the pooled validation images weighted so that every source counts
-equally.
+thresholds maximise the mean over sources of Youden's J and of F1.
 """
 
 from __future__ import annotations
@@ -100,18 +99,30 @@ def balanced_weights(labels_per_source: list[np.ndarray]) -> np.ndarray:
     ).astype(np.float64)
 
 
-def pooled_thresholds(
-    labels: np.ndarray, probs: np.ndarray, weights: np.ndarray
-) -> tuple[float, float]:
-    """Youden-optimal decision threshold and F1-optimal box threshold on weighted pooled data."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
+def pooled_thresholds(labels: list[np.ndarray], probs: list[np.ndarray]) -> tuple[float, float]:
+    """One decision threshold and one box threshold for several sources, each counting equally.
 
-    fpr, tpr, thr = roc_curve(labels, probs, sample_weight=weights)
-    finite = np.isfinite(thr)
-    youden = float(thr[finite][np.argmax((tpr - fpr)[finite])])
-    precision, recall, pr_thr = precision_recall_curve(labels, probs, sample_weight=weights)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    return youden, float(pr_thr[int(np.argmax(f1))])
+    The decision threshold maximises the mean over sources of Youden's J (TPR - FPR); the box
+    threshold the mean over sources of F1 (see ``metrics.classification.f1_threshold``). A
+    pooled Youden would instead favour the source with the most positives (Kermany's 74%).
+    Sources with one class only do not vote.
+    """
+    voters = [(y, p) for y, p in zip(labels, probs, strict=True) if len(np.unique(y)) == 2]
+    if not voters:
+        return 0.5, 0.5
+    candidates = np.unique(np.concatenate([p for _, p in voters]))
+    youden = np.zeros(len(candidates))
+    f1 = np.zeros(len(candidates))
+    for y, p in voters:
+        y = y.astype(bool)
+        # For every candidate t: predicted positive = p >= t.
+        pos = np.sort(p[y])
+        neg = np.sort(p[~y])
+        tp = len(pos) - np.searchsorted(pos, candidates, side="left")
+        fp = len(neg) - np.searchsorted(neg, candidates, side="left")
+        youden += tp / len(pos) - fp / len(neg)
+        f1 += 2 * tp / np.maximum(2 * tp + fp + (len(pos) - tp), 1)
+    return float(candidates[int(np.argmax(youden))]), float(candidates[int(np.argmax(f1))])
 
 
 def validate_sources(
@@ -125,8 +136,8 @@ def validate_sources(
     """Each source's validation metrics, and the pooled ones the run is selected on.
 
     ``auroc`` (what early stopping and ``best.pt`` follow) is the mean of the sources' AUROCs;
-    ``threshold`` and ``box_threshold`` are chosen on all validation images, each source
-    weighted equally; ``sources`` holds every source's own metrics.
+    ``threshold`` and ``box_threshold`` maximise the mean over sources of Youden's J and of F1
+    (:func:`pooled_thresholds`); ``sources`` holds every source's own metrics.
     """
     from pneumoloc.training.validation import gather_predictions, validation_metrics
 
@@ -144,8 +155,7 @@ def validate_sources(
     p = np.concatenate(probs) if probs else np.zeros(0)
     w = balanced_weights(labels)
     aurocs = [m["auroc"] for m in per.values() if m["auroc"] is not None]
-    two = len(np.unique(y)) == 2
-    threshold, box_threshold = pooled_thresholds(y, p, w) if two else (0.5, 0.5)
+    threshold, box_threshold = pooled_thresholds(labels, probs)
     mean = lambda key: float(np.mean([m[key] for m in per.values()])) if per else None  # noqa: E731
     return {
         "loss": mean("loss"),
@@ -159,7 +169,7 @@ def validate_sources(
         if len(y)
         else None,
         "box_threshold": box_threshold,
-        "selection": "mean of the sources' validation AUROCs; thresholds on all sources, "
-        "each weighted equally",
+        "selection": "mean of the sources' validation AUROCs; thresholds maximise the mean "
+        "over sources of Youden's J (decision) and F1 (boxes)",
         "sources": per,
     }
