@@ -1,9 +1,9 @@
 """Turn a trained checkpoint into the shipped default model (src/pneumoloc/weights/default.pt).
 
-Weights are stored in float16 (half the size, no measurable change in the outputs: the model runs
-in float32 after loading), and the default inference recipe chosen by the localisation ablation
-(docs/localisation.md) is written into the checkpoint so predict, evaluate, submit and serve use
-it without flags.
+Weights are stored in float16, every member's for an ensemble file (half the size, no measurable
+change in the outputs: the model runs in float32 after loading), and the default inference
+recipe chosen by the localisation ablation (docs/localisation.md) is written into the checkpoint
+so predict, evaluate, submit and serve use it without flags.
 
 A checkpoint saved before ``train`` stored ``box_threshold`` gets it from ``--data`` (the cache it
 was trained on): the F1-optimal threshold on that cache's validation split, from image labels only.
@@ -44,9 +44,10 @@ def main() -> None:
             "box_threshold"
         ]
         print(f"box_threshold {payload['box_threshold']:.4f} (F1-optimal on {args.data} val)")
-    payload["state_dict"] = {
-        k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
-    }
+    for holder in [payload, *payload.get("members", [])]:  # an ensemble: every member
+        holder["state_dict"] = {
+            k: v.half() if v.is_floating_point() else v for k, v in holder["state_dict"].items()
+        }
     payload.pop("training_state", None)
     payload.update(DEFAULT_INFERENCE_RECIPE.to_meta())
     payload["model_card"] = "docs/model_card.md"
