@@ -169,7 +169,13 @@ def main() -> None:
     }
 
     def evaluate_model(name: str, ckpt: Path, rsna: Path, kermany: Path) -> None:
-        for label, data in (("rsna_test", rsna), ("kermany_test", kermany)):
+        # kermany_val: every candidate's pediatric validation AUROC, so that the default model
+        # (one for adults and children) can be chosen on validation alone.
+        for label, data in (
+            ("rsna_test", rsna),
+            ("kermany_test", kermany),
+            ("kermany_val", kermany),
+        ):
             key = f"{name}|{label}"
             if key in results["evals"]:
                 continue
@@ -177,7 +183,7 @@ def main() -> None:
             res = (
                 _evaluate(ckpt, data, args.out / "eval" / name / label, "test")
                 if label == "rsna_test"
-                else _classify_only(ckpt, data, "test")
+                else _classify_only(ckpt, data, label.split("_")[1])
             )
             res["seconds"] = time.perf_counter() - started
             results["evals"][key] = res

@@ -67,7 +67,17 @@ def rows(results: dict[str, Any]) -> list[tuple[str, dict[str, list[Any]]]]:
         g["rsna_map"].append(_get(r, "localisation", "rsna_map"))
         g["kermany_patient"].append(_get(k, "classification", "patient_level", "auroc"))
         g["kermany_image"].append(_get(k, "classification", "auroc"))
-        g["val"].append(_get(results.get("runs", {}).get(name, {}), "val", "auroc"))
+        val = _get(results.get("runs", {}), name, "val") or {}
+        g["val"].append(val.get("auroc"))
+        sources = val.get("sources") or {}
+        g["val_rsna"].append(
+            _get(sources, "rsna-pneumonia-sample", "auroc") if sources else val.get("auroc")
+        )
+        kval = results["evals"].get(f"{name}|kermany_val", {})
+        g["val_kermany"].append(
+            _get(sources, "kermany-pediatric/train", "auroc")
+            or _get(kval, "classification", "auroc")
+        )
         g["n"].append(1)
     order = ["shipped-default", "scratch", "imagenet", "imagenet+kermany", "imagenet+unlabelled"]
     return sorted(
@@ -81,15 +91,17 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     print(
-        "| variant | seeds | val AUROC (selection) | RSNA test AUROC | AUPRC | sens / spec "
+        "| variant | seeds | val AUROC (selection) | RSNA val AUROC | Kermany val AUROC | "
+        "RSNA test AUROC | AUPRC | sens / spec "
         "at stored threshold | ECE (before calibration) | Kermany patient AUROC | "
         "Kermany image AUROC |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     table = rows(results)
     for variant, g in table:
         print(
-            f"| {variant} | {len(g['n'])} | {_fmt(g['val'])} | {_fmt(g['auroc'])} | "
+            f"| {variant} | {len(g['n'])} | {_fmt(g['val'])} | {_fmt(g['val_rsna'])} | "
+            f"{_fmt(g['val_kermany'])} | {_fmt(g['auroc'])} | "
             f"{_fmt(g['auprc'])} | {_fmt(g['sens'], 2)} / {_fmt(g['spec'], 2)} | "
             f"{_fmt(g['ece'])} ({_fmt(g['ece_raw'])}) | {_fmt(g['kermany_patient'])} | "
             f"{_fmt(g['kermany_image'])} |"

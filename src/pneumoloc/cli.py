@@ -709,7 +709,12 @@ def _add_ensemble_parser(sub: Subparsers) -> None:
         help="average several checkpoints as one model file (threshold and temperature on val)",
     )
     p.add_argument("checkpoints", nargs="+", help="two or more checkpoint files")
-    p.add_argument("--data", required=True, help="the cache (or data folder) they were trained on")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="the cache(s) (or data folders) they were trained on; several: one threshold for all",
+    )
     p.add_argument("--out", type=Path, required=True, help="the ensemble file to write")
     p.add_argument("--half", action="store_true", help="store the weights in float16")
     _add_device_option(p)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pneumoloc.errors import ConfigError
 from pneumoloc.inference.recipe import InferenceRecipe
 
@@ -78,7 +80,7 @@ def _members(checkpoints: list[Path], half: bool) -> list[dict[str, Any]]:
 
 def build_ensemble(
     checkpoints: list[str | Path],
-    data: str | Path,
+    data: str | Path | list[str | Path],
     out: str | Path,
     *,
     device: str = "auto",
@@ -90,7 +92,10 @@ def build_ensemble(
 
     Args:
         checkpoints: Two or more checkpoint files.
-        data: The training cache (or data folder) of the members.
+        data: The training cache (or data folder) of the members, or several (the members'
+            sources): then one threshold maximises the mean of the sources' Youden J and the
+            temperature weights each source equally; ``metrics["val"]`` is the first source's,
+            ``metrics["val"]["sources"]`` every source's.
         out: The ensemble file to write.
         device: Where to run the members for the validation pass.
         batch_size: Images per forward pass.
@@ -115,6 +120,7 @@ def build_ensemble(
         check_same_data,
         split_probabilities,
     )
+    from pneumoloc.training.sources import balanced_weights, pooled_thresholds, source_name
 
     paths = [Path(p) for p in checkpoints]
     if len(paths) < 2:
@@ -139,18 +145,39 @@ def build_ensemble(
     }
     models, meta = models_from_checkpoint(payload, device=device)
     predictor = Predictor(model=models[0], members=models, meta=meta, batch_size=batch_size)
-    cache = resolve_cache(data, size=predictor.image_size)
-    for path, member in zip(paths, members, strict=True):
-        check_same_data(member, cache, str(path))
-    probs, labels = split_probabilities(predictor, cache)
-    payload["threshold"] = youden_threshold(labels, probs)
-    payload["box_threshold"] = f1_threshold(labels, probs)
+    caches = [
+        resolve_cache(d, size=predictor.image_size)
+        for d in ([data] if isinstance(data, str | Path) else data)
+    ]
+    per_source = []
+    for cache in caches:
+        for path, member in zip(paths, members, strict=True):
+            check_same_data(member, cache, str(path))
+        per_source.append(split_probabilities(predictor, cache))
+    all_probs = [p for p, _ in per_source]
+    all_labels = [y for _, y in per_source]
+    probs, labels = np.concatenate(all_probs), np.concatenate(all_labels)
+    if len(caches) == 1:
+        payload["threshold"] = youden_threshold(labels, probs)
+        payload["box_threshold"] = f1_threshold(labels, probs)
+    else:  # one threshold for several populations, each counting equally
+        payload["threshold"], payload["box_threshold"] = pooled_thresholds(all_labels, all_probs)
     payload["metrics"] = {
-        "val": classification_metrics(labels, probs, payload["threshold"], n_boot=0)
+        "val": classification_metrics(all_labels[0], all_probs[0], payload["threshold"], n_boot=0)
     }
+    if len(caches) > 1:
+        payload["metrics"]["val"]["sources"] = {
+            source_name(c): classification_metrics(y, p, payload["threshold"], n_boot=0)
+            for c, (p, y) in zip(caches, per_source, strict=True)
+        }
     try:
         payload = calibrate_payload(
-            payload, probs, labels, split="val", fingerprint=cache.fingerprint
+            payload,
+            probs,
+            labels,
+            split="val",
+            fingerprint=caches[0].fingerprint,
+            weights=balanced_weights(all_labels) if len(caches) > 1 else None,
         )
     except ConfigError as exc:
         logger.warning("%s: not calibrated: %s", out, exc)

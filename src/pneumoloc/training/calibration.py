@@ -35,11 +35,14 @@ def split_probabilities(
 def check_same_data(payload: dict[str, Any], cache: Any, what: str) -> None:
     """Refuse a cache other than the one a checkpoint was trained on (its val split could hold
     the model's training images)."""
-    trained = (payload.get("data") or {}).get("fingerprint")
-    if trained and trained != cache.fingerprint:
+    data = payload.get("data") or {}
+    trained = {data.get("fingerprint")} | {s.get("fingerprint") for s in data.get("sources", [])}
+    trained.discard(None)
+    if trained and cache.fingerprint not in trained:
         raise ConfigError(
-            f"{cache.root}: not the cache {what} was trained on (fingerprint {cache.fingerprint}, "
-            f"trained on {trained}); its validation split may hold training images"
+            f"{cache.root}: not a cache {what} was trained on "
+            f"(fingerprint {cache.fingerprint}, "
+            f"trained on {sorted(str(t) for t in trained)}); its validation split may hold training images"
         )
 
 
