@@ -40,9 +40,10 @@ def check_same_data(payload: dict[str, Any], cache: Any, what: str) -> None:
     trained.discard(None)
     if trained and cache.fingerprint not in trained:
         raise ConfigError(
-            f"{cache.root}: not a cache {what} was trained on "
+            f"{cache.root}: not the cache {what} was trained on "
             f"(fingerprint {cache.fingerprint}, "
-            f"trained on {sorted(str(t) for t in trained)}); its validation split may hold training images"
+            f"trained on {sorted(str(t) for t in trained)}); "
+            "its validation split may hold training images"
         )
 
 
