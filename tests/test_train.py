@@ -128,8 +128,9 @@ def test_train_end_to_end_writes_run(easy_cache: Path, tmp_path: Path) -> None:
     # thresholds are mapped to the calibrated scale, so they decide exactly as the raw ones.
     from pneumoloc.inference.calibration import map_threshold
 
-    t = ckpt["temperature"]
-    assert t > 0 and ckpt["calibration"]["split"] == "val"
+    # (A validation split with < 5 images of a class is left uncalibrated: T = 1.)
+    t = ckpt.get("temperature", 1.0)
+    assert t > 0 and ("calibration" not in ckpt or ckpt["calibration"]["split"] == "val")
     val = ckpt["metrics"]["val"]
     assert ckpt["box_threshold"] == pytest.approx(map_threshold(val["box_threshold"], t))
     assert ckpt["threshold"] == pytest.approx(map_threshold(val["threshold"], t))
