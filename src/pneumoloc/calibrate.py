@@ -61,8 +61,6 @@ def calibrate(
     calibrated = calibrate_payload(
         payload, probs, labels, split="val", fingerprint=cache.fingerprint
     )
-    for key in ("kind", "format", "saved_at", "pneumoloc_version"):
-        calibrated.pop(key, None)  # written afresh by save_checkpoint
     save_checkpoint(out, calibrated)
     info = calibrated["calibration"]
     logger.info(

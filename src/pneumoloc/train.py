@@ -450,8 +450,6 @@ def _calibrate_best(config: TrainConfig, data: TrainData, path: Path, device: to
     except ConfigError as exc:
         logger.warning("%s: not calibrated: %s", path, exc)
         return
-    for key in ("kind", "format", "saved_at", "pneumoloc_version"):
-        calibrated.pop(key, None)
     save_checkpoint(path, calibrated)
     info = calibrated["calibration"]
     logger.info(

@@ -138,10 +138,9 @@ class Predictor(BasePredictor):
                 )
                 for m, target in zip(models, layers, strict=True)
             ]
-            p = outputs[0][0] if len(outputs) == 1 else torch.stack([o[0] for o in outputs]).mean(0)
-            h = outputs[0][1] if len(outputs) == 1 else torch.stack([o[1] for o in outputs]).mean(0)
-            probs.append(p.detach().cpu())
-            maps.append(h.detach().cpu())
+            # An ensemble's mean; for one model the output itself.
+            probs.append(torch.stack([o[0] for o in outputs]).mean(0).detach().cpu())
+            maps.append(torch.stack([o[1] for o in outputs]).mean(0).detach().cpu())
         if not probs:
             s = self.image_size
             return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros((0, s, s))

@@ -16,6 +16,8 @@ from pneumoloc.metrics.classification import expected_calibration_error
 
 __all__ = ["MIN_PER_CLASS", "calibrate_payload", "check_same_data", "split_probabilities"]
 
+_HEADER_KEYS = ("kind", "format", "saved_at", "pneumoloc_version")
+
 MIN_PER_CLASS = 5
 """Fewer validation images of a class than this and no temperature is fitted (one number
 fitted on a handful of images moves every probability the model gives)."""
@@ -67,7 +69,8 @@ def calibrate_payload(
             f"{counts[0]} negative and {counts[1]} positive; the checkpoint is left uncalibrated"
         )
     temperature = fit_temperature(probs, labels, weights=weights)
-    out = dict(payload)
+    # The file header (kind, format, saved_at, version) is written afresh by save_checkpoint.
+    out = {k: v for k, v in payload.items() if k not in _HEADER_KEYS}
     for key in ("threshold", "box_threshold"):
         if out.get(key) is not None:
             raw = map_threshold(float(out[key]), 1.0 / old)
