@@ -61,10 +61,17 @@ def topk_pool_cam(cam: Tensor, fraction: float = TOPK_FRACTION) -> Tensor:
     return flat.topk(k, dim=-1).values.mean(dim=-1)
 
 
+def max_pool_cam(cam: Tensor) -> Tensor:
+    """Pool a CAM (B, h, w) to logits (B,) by its maximum: PYLON's global max pooling
+    (``pneumoloc.models.pyramid``); the image is as positive as its most positive location."""
+    return cam.flatten(-2).amax(dim=-1)
+
+
 POOLS: dict[str, Callable[[Tensor], Tensor]] = {
     "avg": avg_pool_cam,
     "lse": lse_pool_cam,
     "topk": topk_pool_cam,
+    "max": max_pool_cam,
 }
 """Spatial poolings that are functions of the CAM alone, by name."""
 

@@ -11,6 +11,7 @@ from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.models.classifier import CamClassifier
 from pneumoloc.models.imagenet import INPUT_STD, OFFLINE_IMAGENET, offline_imagenet_weights
 from pneumoloc.models.pretrained import load_pretrained_backbone
+from pneumoloc.models.pyramid import DECODERS, PyramidBackbone
 from pneumoloc.models.smallcamnet import build_smallcamnet
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def build_model(
     drop_rate: float = 0.0,
     output_stride: int | None = None,
     pool: str = "avg",
+    decoder: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> CamClassifier:
@@ -55,7 +57,10 @@ def build_model(
         output_stride: Feature-map stride. None keeps the model's own (32 for timm CNNs, 4 for
             smallcamnet); 8 or 16 use dilation where timm supports it (e.g. resnets,
             efficientnets, convnexts; not densenets).
-        pool: Spatial pooling of the CAM: "avg", "lse", "topk" or "attention".
+        pool: Spatial pooling of the CAM: "avg", "lse", "topk", "max" or "attention".
+        decoder: None (the backbone's last feature map), or "pylon": a pyramid decoder over
+            the stride-8/16/32 stages (``pneumoloc.models.pyramid``) gives the CAM stride 8.
+            timm CNNs only; not with ``output_stride``.
         kwargs: Keyword arguments as stored in ``spec["kwargs"]``; merged with ``extra``.
         **extra: Passed on to ``timm.create_model`` (e.g. ``drop_path_rate``).
 
@@ -67,6 +72,14 @@ def build_model(
     drop_rate = options.pop("drop_rate", drop_rate)
     output_stride = options.pop("output_stride", output_stride)
     pool = options.pop("pool", pool)
+    decoder = options.pop("decoder", decoder)
+    if decoder is not None and decoder not in DECODERS:
+        raise ConfigError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)} or None")
+    if decoder is not None and (name in MODELS or output_stride not in (None, 32)):
+        raise ConfigError(
+            f"decoder {decoder!r} needs a timm CNN at its own stride (got model {name!r}, "
+            f"output_stride={output_stride})"
+        )
     if output_stride is not None and output_stride not in (4, 8, 16, 32):
         raise ConfigError(f"output_stride must be 8, 16 or 32 (or unset), got {output_stride}")
     use_imagenet = isinstance(pretrained, str) and pretrained == IMAGENET
@@ -81,26 +94,49 @@ def build_model(
         backbone: Any = _create_timm_backbone(
             name, imagenet=use_imagenet and not offline, output_stride=output_stride, **options
         )
-        channels = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        # Weights go into the timm model itself, before a decoder prunes its head.
+        init = _load_backbone_weights(backbone, name, pretrained, offline, use_imagenet)
+        if decoder is not None:
+            backbone = PyramidBackbone(backbone)
+            channels = backbone.num_features
+        else:
+            channels = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         model = CamClassifier(backbone, channels, pool=pool, drop_rate=drop_rate)
+    if name in MODELS and pretrained is not None and not use_imagenet:
+        init = _load_backbone_weights(model.backbone, name, pretrained, False, False)
+    model.init = init
+    kwargs_out: dict[str, Any] = {
+        "drop_rate": drop_rate,
+        "output_stride": output_stride,
+        "pool": pool,
+        **options,
+    }
+    if decoder is not None:  # absent for older specs, which therefore rebuild unchanged
+        kwargs_out["decoder"] = decoder
+    model.spec = {"name": name, "kwargs": kwargs_out}
+    return model
 
+
+def _load_backbone_weights(
+    backbone: Any,
+    name: str,
+    pretrained: str | Path | None,
+    offline: bool,
+    use_imagenet: bool,
+) -> dict[str, Any]:
+    """Load the initial weights into ``backbone``; return their provenance (``model.init``)."""
     if offline:
         weights = offline_imagenet_weights(name)
         report = load_pretrained_backbone(
-            model.backbone, weights.state_dict, input_std=INPUT_STD, strict=True
+            backbone, weights.state_dict, input_std=INPUT_STD, strict=True
         )
-        init = {**weights.provenance, "loaded": len(report.loaded)}
-    elif use_imagenet:
-        init = {"kind": "imagenet-timm", "model": name}
-    elif pretrained is not None:
-        report = load_pretrained_backbone(model.backbone, pretrained)
-        init = {"kind": "file", "file": Path(pretrained).name, "loaded": len(report.loaded)}
-    model.init = init
-    model.spec = {
-        "name": name,
-        "kwargs": {"drop_rate": drop_rate, "output_stride": output_stride, "pool": pool, **options},
-    }
-    return model
+        return {**weights.provenance, "loaded": len(report.loaded)}
+    if use_imagenet:
+        return {"kind": "imagenet-timm", "model": name}
+    if pretrained is not None:
+        report = load_pretrained_backbone(backbone, pretrained)
+        return {"kind": "file", "file": Path(pretrained).name, "loaded": len(report.loaded)}
+    return {"kind": "random"}
 
 
 def build_model_from_spec(spec: Mapping[str, Any]) -> CamClassifier:

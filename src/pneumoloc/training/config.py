@@ -50,6 +50,7 @@ class TrainConfig:
     data_on_device: str = "auto"
     output_stride: int | None = None
     pool: str = "avg"
+    decoder: str | None = None
     drop_rate: float = 0.0
     split_seed: int = 0
     tensorboard: bool = False

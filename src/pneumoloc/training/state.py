@@ -39,11 +39,15 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 @dataclass
 class ResumePoint:
-    """Where an interrupted run resumes: the last completed step and the random states after it."""
+    """Where an interrupted run resumes: the last completed step and the random states after it,
+    and the images seen and the loss summed over that epoch's completed steps (so the resumed
+    epoch's training loss is the mean over all its steps, not only those after the restart)."""
 
     epoch: int
     step_in_epoch: int
     rngs: dict[str, Any]
+    seen: int = 0
+    loss_sum: float = 0.0
 
 
 @dataclass
@@ -73,6 +77,9 @@ class TrainState:
     stale: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     aug_state: torch.Tensor | None = None  # the augmentation generator's state on resume
+    # (images seen, loss sum) of the resumed epoch's steps before the interruption; None when
+    # the checkpoint did not record them (the epoch's loss then covers the later steps only)
+    resumed_loss: tuple[int, float] | None = None
     resume_point: ResumePoint | None = None
     last_val: dict[str, Any] = field(default_factory=dict)
 
@@ -104,12 +111,14 @@ def build_model_on_device(
     here so a run is a function of its config. Everything else random uses explicit generators.
     """
     torch.manual_seed(config.seed)
+    extra = {"decoder": config.decoder} if config.decoder is not None else {}
     return build_model(
         config.model,
         pretrained=config.pretrained,
         drop_rate=config.drop_rate,
         output_stride=config.output_stride,
         pool=config.pool,
+        **extra,
     ).to(device)
 
 

@@ -1,0 +1,179 @@
+"""Localisation ablation of issue 13, sized for a CPU: encoders x inference recipes, beside anatomy.
+
+Trained variants (3 seeds each, RSNA sample + Kermany, tf_efficientnet_lite0 from the offline
+ImageNet weights, the classifier recipe of issue 12):
+
+* ``cam32``: the plain classifier (average pooling), CAM at stride 32;
+* ``pylon``: the same encoder with the PYLON pyramid decoder (stride 8) and global max pooling
+  (``train --decoder pylon --pool max``);
+* ``ensemble(...)``: the three seeds of a variant as one model (probability and heatmap
+  averaged), with and without test-time augmentation.
+
+Inference recipes applied to every model:
+
+* ``plain``: the raw CAM, no lung mask, no refinement (plain CAM, the baseline);
+* ``lung``: heatmap restricted to the label-free lung mask;
+* ``lung+rw``: lung mask and random-walk refinement (the shipped recipe before this issue).
+
+Every ``evaluate`` call also measures, on the same images, the anatomy baselines (one box per
+lung field; its lower two thirds; a random point in the lung mask) and the label-gated figures
+(``metrics.localisation.vs_anatomy``). Selection is on the validation split (its boxes are used
+only to choose, and the table says so); test numbers are reported, never used. Results go to
+``--results`` (JSON) after every step; a finished step is skipped when the script is re-run.
+
+    python benchmarks/localisation_ablation.py --rsna CACHE192 --kermany CACHE192 \\
+        --out /work/exp/loc --results docs/results/localisation-ablation-2026-12-02.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cam32": {},
+    "pylon": {"decoder": "pylon", "pool": "max"},
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "plain": {"lung_mask": False, "refine": "none"},
+    "lung": {"lung_mask": True, "refine": "none"},
+    "lung+rw": {"lung_mask": True, "refine": "randomwalk"},
+}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}, "evals": {}}
+
+
+def _save(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def _train(args: argparse.Namespace, variant: str, seed: int, out: Path) -> dict[str, Any]:
+    from pneumoloc.train import train
+    from pneumoloc.training.config import TrainConfig
+
+    config = TrainConfig(
+        data=str(args.rsna),
+        out=str(out),
+        model="tf_efficientnet_lite0",
+        pretrained="imagenet",
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=32,
+        lr=3e-4,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        **VARIANTS[variant],
+    )
+    config.extra_data = [str(args.kermany)]
+    start = time.perf_counter()
+    train(config)
+    return {"seconds": time.perf_counter() - start}
+
+
+def _evaluate(checkpoint: Path, data: Path, out: Path, split: str, **recipe: Any) -> dict:
+    from pneumoloc.evaluate import evaluate
+
+    report = evaluate(
+        checkpoint,
+        data,
+        split=split,
+        out=out,
+        gallery=0,
+        n_boot=200,
+        progress=False,
+        device="cpu",
+        **recipe,
+    )
+    cls, loc = report["classification"], report.get("localisation") or {}
+    return {
+        "classification": {k: cls.get(k) for k in ("auroc", "auprc", "n", "n_positive")},
+        "localisation": {
+            k: loc.get(k)
+            for k in (
+                "rsna_map",
+                "pointing_game",
+                "notebook_mean_iou",
+                "vs_anatomy",
+                "n_with_truth",
+            )
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rsna", type=Path, required=True)
+    parser.add_argument("--kermany", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    results = _load(args.results)
+    results["setup"] = {
+        "machine": "2-core CPU (no GPU)",
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "model": "tf_efficientnet_lite0, offline ImageNet init, RSNA sample + Kermany, batch 32, "
+        "AdamW lr 3e-4, cosine (issue 12's recipe)",
+        "variants": VARIANTS,
+        "recipes": RECIPES,
+        "rsna": str(args.rsna),
+        "kermany": str(args.kermany),
+    }
+    models: list[tuple[str, Path]] = []
+    for variant in args.variants:
+        ckpts = []
+        for seed in args.seeds:
+            run = args.out / f"{variant}-s{seed}"
+            key = f"{variant}-s{seed}"
+            if not (run / "done").is_file():  # written when a training run finished
+                results["runs"][key] = _train(args, variant, seed, run)
+                (run / "done").write_text(str(results["runs"][key]["seconds"]))
+                _save(args.results, results)
+            ckpts.append(run / "best.pt")
+            models.append((key, run / "best.pt"))
+        ens = args.out / f"ensemble-{variant}.pt"
+        if not args.ensembles:
+            continue
+        if not ens.is_file():
+            from pneumoloc.ensemble import build_ensemble
+
+            build_ensemble(ckpts, [args.rsna, args.kermany], ens, device="cpu")
+        models.append((f"ensemble({variant})", ens))
+    for key, ckpt in models:
+        recipes = dict(RECIPES)
+        if key.startswith("ensemble("):
+            recipes["lung+tta"] = {"lung_mask": True, "refine": "none", "tta": True}
+        for recipe, settings in recipes.items():
+            for split in args.splits:
+                name = f"{key}|{recipe}|{split}"
+                if name in results["evals"]:
+                    continue
+                start = time.perf_counter()
+                out = args.out / "evals" / name.replace("|", "_").replace("(", "").replace(")", "")
+                res = _evaluate(ckpt, args.rsna, out, split, **settings)
+                res["seconds"] = time.perf_counter() - start
+                results["evals"][name] = res
+                _save(args.results, results)
+                print(name, json.dumps(res["localisation"]["vs_anatomy"]["model"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
