@@ -263,7 +263,14 @@ def _add_train_parser(sub: Subparsers) -> None:
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     p.add_argument("--device", help=_DEVICE_HELP)
     p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
-    p.add_argument("--pool", help="spatial pooling of the CAM: avg, lse, topk or attention (MIL)")
+    p.add_argument(
+        "--pool", help="spatial pooling of the CAM: avg, lse, topk, max or attention (MIL)"
+    )
+    p.add_argument(
+        "--decoder",
+        choices=["pylon"],
+        help="pyramid decoder over the stride-8/16/32 stages (PYLON): CAM at stride 8",
+    )
     p.add_argument("--split-seed", type=int)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--no-augment", action="store_true")
@@ -310,6 +317,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "device": args.device,
         "output_stride": args.output_stride,
         "pool": args.pool,
+        "decoder": args.decoder,
         "split_seed": args.split_seed,
         "tensorboard": args.tensorboard or None,
         "max_steps_per_epoch": args.max_steps_per_epoch,

@@ -292,8 +292,10 @@ def _table_column(cache: Cache, column: str, rows: np.ndarray) -> np.ndarray | N
     return cache.table[column].fillna("").astype(str).to_numpy()[rows]
 
 
-def _localisation(preds: EvalPredictions) -> dict[str, Any]:
+def _localisation(preds: EvalPredictions, predictor: Predictor, cache: Cache) -> dict[str, Any]:
+    from pneumoloc.localise.lungs import estimate_lung_mask
     from pneumoloc.metrics import localisation_metrics, max_box_acc, pointing_game
+    from pneumoloc.metrics.anatomy import anatomy_comparison
 
     out = localisation_metrics(
         [b.boxes for b in preds.boxes], [b.scores for b in preds.boxes], None, preds.gts
@@ -310,6 +312,20 @@ def _localisation(preds: EvalPredictions) -> dict[str, Any]:
     out["max_box_acc"] = mba
     out["max_box_acc_curve"] = curve
     out["n_predicted_boxes"] = int(sum(len(b) for b in preds.boxes))
+    # The anatomy baselines and label-gated figures, on the same images (issue 13).
+    masks = [estimate_lung_mask(np.asarray(cache.images[r])) for r in preds.rows]
+    out["vs_anatomy"] = anatomy_comparison(
+        heatmaps=preds.heatmaps,
+        probs=preds.probs,
+        labels=preds.labels,
+        model_boxes=preds.boxes,
+        gts=preds.gts,
+        shapes=[(int(s[0]), int(s[1])) for s in preds.shapes],
+        masks=masks,
+        box_threshold=predictor.box_threshold,
+        box_config=predictor.box_config,
+        pointing=out["pointing_game"],
+    )
     return out
 
 
@@ -546,7 +562,7 @@ def evaluate(
             views=_table_column(cache, "view", rows),
             patient_ids=_table_column(cache, "patient_id", rows),
         ),
-        "localisation": _localisation(preds) if cache.has_boxes else None,
+        "localisation": _localisation(preds, predictor, cache) if cache.has_boxes else None,
     }
     if not cache.has_boxes:
         metrics["localisation_unavailable"] = (
