@@ -40,7 +40,8 @@ def fmt(values: list[float | None]) -> str:
 
 
 def main() -> None:
-    evals = json.load(open(sys.argv[1]))["evals"]
+    with open(sys.argv[1]) as f:
+        evals = json.load(f)["evals"]
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for name, e in evals.items():
         model, recipe, split = name.split("|")
@@ -58,9 +59,7 @@ def main() -> None:
         # Anatomy baselines: identical for every model up to the gate; shown from the cam32 runs.
         for rule in ("lung_fields", "lower_lung_fields"):
             es = [e for (s, v, r), g in groups.items() if s == split and r == "lung" for e in g]
-            cells = [
-                fmt([e["localisation"]["vs_anatomy"][rule][k] for e in es]) for _, k in BASE
-            ]
+            cells = [fmt([e["localisation"]["vs_anatomy"][rule][k] for e in es]) for _, k in BASE]
             print(
                 f"\n{rule} (no heatmap; gated like each model): "
                 + "; ".join(f"{c} {v}" for (c, _), v in zip(BASE, cells, strict=True))
