@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The results file is read and written as the classifier ablation's (same layout, same atomic
+# replace); run as a script, this folder is on sys.path.
+from classifier_ablation import _load, _save
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "cam32": {},
     "pylon": {"decoder": "pylon", "pool": "max"},
@@ -43,17 +47,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lung": {"lung_mask": True, "refine": "none"},
     "lung+rw": {"lung_mask": True, "refine": "randomwalk"},
 }
-
-
-def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"runs": {}, "evals": {}}
-
-
-def _save(path: Path, results: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
 
 
 def _train(args: argparse.Namespace, variant: str, seed: int, out: Path) -> dict[str, Any]:

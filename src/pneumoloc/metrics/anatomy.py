@@ -120,11 +120,11 @@ def _summary(
 ) -> dict[str, Any]:
     """The box figures of one localiser: ``boxes`` gated by the classifier, ``gated`` by the
     true labels (boxes on every truly positive image, none elsewhere)."""
-    from pneumoloc.metrics.localisation import notebook_mean_iou, rsna_map
+    from pneumoloc.metrics.localisation import _nan_to_none, notebook_mean_iou, rsna_map
 
     def score(b: Sequence[Any]) -> float | None:
-        value = rsna_map(list(zip([x.boxes for x in b], [x.scores for x in b], strict=True)), gts)
-        return None if math.isnan(value) else float(value)
+        pairs = list(zip([x.boxes for x in b], [x.scores for x in b], strict=True))
+        return _nan_to_none(rsna_map(pairs, gts))
 
     gated_boxes = [x.boxes for x in gated]
     return {
@@ -132,14 +132,10 @@ def _summary(
         "rsna_map_label_gated": score(gated),
         "box_acc_iou30": box_accuracy(gated_boxes, gts, 0.3),
         "box_acc_iou50": box_accuracy(gated_boxes, gts, 0.5),
-        "notebook_mean_iou_label_gated": _nan_none(notebook_mean_iou(gated_boxes, gts)),
+        "notebook_mean_iou_label_gated": _nan_to_none(notebook_mean_iou(gated_boxes, gts)),
         "median_box_area": median_box_area(gated_boxes, shapes),
         "lung_coverage": lung_coverage(gated_boxes, masks, shapes),
     }
-
-
-def _nan_none(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
