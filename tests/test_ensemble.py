@@ -64,7 +64,9 @@ def test_ensemble_file_works_in_predict_and_onnx(
     from PIL import Image
 
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 40), dtype=np.uint8)).save(img)
-    run = predict_paths([img], tmp_path / "out", model=tmp_path / "e.pt", progress=False)
+    run = predict_paths(
+        [img], tmp_path / "out", model=tmp_path / "e.pt", progress=False, input_check=False
+    )
     assert run.exit_code == 0 and [r.status for r in run.rows] == ["ok"]
 
     export = export_onnx(tmp_path / "e.pt", tmp_path / "e.onnx")

@@ -195,7 +195,7 @@ def test_cli_export_then_predict_onnx_agrees_with_torch(tmp_path: Path) -> None:
     ckpt = save_model(tmp_path / "m.pt", "smallcamnet", threshold=float(probs[2:4].mean()))
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(ckpt), "--onnx", str(onnx_path)]) == 0
-    common = [str(folder), "--quiet", "--no-overlay"]
+    common = [str(folder), "--quiet", "--no-overlay", "--no-input-check"]
     assert main(["predict", *common, "--model", str(ckpt), "--out", str(tmp_path / "t")]) == 0
     onnx_args = ["--backend", "onnx", "--model", str(onnx_path), "--out", str(tmp_path / "o")]
     assert main(["predict", *common, *onnx_args]) == 0

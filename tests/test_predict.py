@@ -103,7 +103,9 @@ def read_summary(path: Path) -> list[dict[str, str]]:
 
 def test_predict_mixed_folder(mixed: Path, checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = predict_paths([mixed], out, model=checkpoint, workers=2, batch_size=2, progress=False)
+    result = predict_paths(
+        [mixed], out, model=checkpoint, workers=2, batch_size=2, progress=False, input_check=False
+    )
     assert result.exit_code == 1 and result.n_failed == 2 and result.n_ok == 5
     rows = read_summary(out / "summary.csv")
     assert tuple(rows[0]) == SUMMARY_COLUMNS
@@ -162,7 +164,14 @@ def test_predict_without_overlays_in_process(mixed: Path, checkpoint: Path, tmp_
     files = [mixed / "case1.dcm", mixed / "photo.jpeg"]
     threads = torch.get_num_threads()
     result = predict_paths(
-        files, tmp_path, model=checkpoint, overlays=False, workers=1, threads=1, progress=False
+        files,
+        tmp_path,
+        model=checkpoint,
+        overlays=False,
+        workers=1,
+        threads=1,
+        progress=False,
+        input_check=False,  # synthetic images, not films
     )
     assert torch.get_num_threads() == threads  # restored
     with pytest.raises(ConfigError, match="threads"):
@@ -175,7 +184,7 @@ def test_predict_without_overlays_in_process(mixed: Path, checkpoint: Path, tmp_
 def test_cli_predict_exit_codes(
     mixed: Path, checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    common = ["--model", str(checkpoint), "--quiet", "--workers", "2"]
+    common = ["--model", str(checkpoint), "--quiet", "--workers", "2", "--no-input-check"]
     assert main(["predict", str(mixed), "--out", str(tmp_path / "a"), *common]) == 1
     assert len(read_summary(tmp_path / "a" / "summary.csv")) == 7
     good = [str(mixed / "case0.dcm"), str(mixed / "sub" / "wide.png")]
@@ -290,7 +299,13 @@ def test_hostile_names_and_patient_ids_cannot_escape_out(checkpoint: Path, tmp_p
     (out / "plain.json").symlink_to(victim)
     before = _all_files(tmp_path)
     result = predict_paths(
-        paths, out, model=checkpoint, keep_identifiers=True, workers=2, progress=False
+        paths,
+        out,
+        model=checkpoint,
+        keep_identifiers=True,
+        workers=2,
+        progress=False,
+        input_check=False,  # synthetic images, not films
     )
     assert result.exit_code == 0, [r.error for r in result.rows]
     new = _all_files(tmp_path) - before

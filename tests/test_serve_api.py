@@ -31,6 +31,8 @@ from pneumoloc.models.checkpoint import save_checkpoint
 from pneumoloc.serve import LIMITS_TEXT, ServeSettings, create_app, is_loopback, resolve_token
 
 TOKEN = "s3cret-token"
+# The server answers Host names of this machine only; fastapi's TestClient says "testserver".
+LOCAL = "http://localhost"
 MODEL_ID = "smallcamnet@32px-abc123de"
 SECRETS = ("Doe^Jane", "Doe", "Jane", "SECRET123")
 
@@ -92,7 +94,7 @@ def dicom_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(predictor: Predictor) -> Iterator[TestClient]:
-    with TestClient(create_app(predictor)) as c:
+    with TestClient(create_app(predictor), base_url=LOCAL) as c:
         yield c
 
 
@@ -263,7 +265,7 @@ def test_oversize_upload_is_413_even_without_content_length(
 ) -> None:
     data = dicom_path.read_bytes()
     app = create_app(predictor, ServeSettings(max_upload_bytes=len(data) - 1))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         r = post(c, "big.dcm", data)
         assert r.status_code == 413 and r.json()["error"] == "too_large"
         assert "limit" in r.json()["detail"]
@@ -292,7 +294,7 @@ def test_oversize_upload_is_413_even_without_content_length(
         assert "content-length" not in {k.lower() for k in r.request.headers}
         # The same file just under the limit is accepted.
         ok = create_app(predictor, ServeSettings(max_upload_bytes=len(data)))
-        with TestClient(ok) as c2:
+        with TestClient(ok, base_url=LOCAL) as c2:
             assert post(c2, "fits.dcm", data).status_code == 200
 
 
@@ -300,7 +302,7 @@ def test_absurd_declared_dimensions_refused_before_decoding(
     predictor: Predictor, dicom_path: Path
 ) -> None:
     app = create_app(predictor, ServeSettings(max_pixels=64 * 64 - 1))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         r = post(c, "x.dcm", dicom_path.read_bytes())
         assert r.status_code == 413 and "64 x 64" in r.json()["detail"]
 
@@ -310,7 +312,7 @@ def test_absurd_declared_dimensions_refused_before_decoding(
 
 def test_token_required_on_api_but_health(predictor: Predictor, dicom_path: Path) -> None:
     app = create_app(predictor, ServeSettings(token=TOKEN))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert c.get("/api/health").status_code == 200
         assert c.get("/").status_code == 200  # the page itself asks the user for the token
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
@@ -420,13 +422,13 @@ def test_concurrent_requests_share_one_model(
     guard = threading.Lock()
     real_predict = Predictor.predict_xrays
 
-    def watched(self: Predictor, xrays: Any) -> Any:
+    def watched(self: Predictor, xrays: Any, **kwargs: Any) -> Any:
         with guard:
             users.add(id(self))
             active[0] += 1
             active[1] = max(active[1], active[0])
         try:
-            return real_predict(self, xrays)
+            return real_predict(self, xrays, **kwargs)
         finally:
             with guard:
                 active[0] -= 1
@@ -455,7 +457,7 @@ def test_concurrent_requests_share_one_model(
     results: list[tuple[int, float, list[Any]]] = []
     errors: list[BaseException] = []
 
-    with TestClient(create_app(predictor, ServeSettings(workers=4))) as c:
+    with TestClient(create_app(predictor, ServeSettings(workers=4)), base_url=LOCAL) as c:
 
         def worker() -> None:
             try:

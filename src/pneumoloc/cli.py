@@ -282,6 +282,12 @@ def _add_train_parser(sub: Subparsers) -> None:
         default=None,
         help="continue an interrupted run (its last.pt, or a given checkpoint)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in a non-empty --out (its checkpoints, metrics.jsonl, "
+        "config.yaml and tensorboard/ are removed first); without it such an --out is refused",
+    )
     p.set_defaults(handler=_cmd_train)
 
 
@@ -328,7 +334,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         resume = Path(config.out) / "last.pt" if args.resume == "last" else Path(args.resume)
     try:
-        result = train(config, resume=resume)
+        result = train(config, resume=resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"interrupted; resume with: pneumoloc train ... --out {config.out} --resume")
         return 130
@@ -567,25 +573,57 @@ def _add_serve_parser(sub: Subparsers) -> None:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--token", default=None, help="access token for /api (default: $PNEUMOLOC_TOKEN)"
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file whose first line is the access token for /api (default: $PNEUMOLOC_TOKEN)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="deprecated: the token on the command line is visible to every user in `ps`; "
+        "use $PNEUMOLOC_TOKEN or --token-file",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept requests whose Host header is NAME (repeatable; loopback names and "
+        "the bind address always are; '*' accepts any and needs a token)",
+    )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB (> 0)"
+    )
     _add_cam_option(p)
     _add_device_option(p)
+    p.add_argument(
+        "--no-input-check",
+        action="store_true",
+        help="answer every readable upload, frontal chest radiograph or not",
+    )
     p.set_defaults(handler=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pneumoloc.serve import run_server
 
+    if args.token:
+        logger.warning(
+            "--token is deprecated: a token on the command line is visible to every user of "
+            "this machine (ps, /proc/PID/cmdline); set PNEUMOLOC_TOKEN or use --token-file"
+        )
     run_server(
         args.model,
         host=args.host,
         port=args.port,
         token=args.token,
+        token_file=args.token_file,
+        allowed_hosts=args.allowed_host,
         max_upload_mb=args.max_upload_mb,
         cam_method=args.cam,
         device=args.device,
+        input_check=not args.no_input_check,
     )
     return 0
 
@@ -597,9 +635,13 @@ def _add_predict_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "predict",
         help="predict DICOM/PNG/JPEG files: JSON records, overlays and summary.csv",
-        description="Exit status: 0 when every input was predicted, 1 when any file could not "
-        "be read (listed in summary.csv, skipped), 2 on usage errors (bad option, missing input "
-        "or model).",
+        description="Each image is first checked to be a frontal chest radiograph (DICOM "
+        "tags, image evidence, and the model's features when calibrate-ood was run); a refused "
+        "image gets a 'refused' row with the reason and no probability. Exit status: 0 when "
+        "every input was predicted, 1 when any file could not be read (listed in summary.csv, "
+        "skipped), 3 when any was refused by the input check (and none failed), 2 on usage "
+        "errors (bad option, missing input or model, an --out holding an earlier run), 130 on "
+        "Ctrl-C (summary.csv written; continue with --resume).",
     )
     p.add_argument("inputs", nargs="+", type=Path, help="files or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -618,6 +660,37 @@ def _add_predict_parser(sub: Subparsers) -> None:
         help="copy DICOM identifiers (PatientID, PatientName, ...) into the JSON records",
     )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+    p.add_argument(
+        "--dicom-out",
+        type=Path,
+        default=None,
+        help="folder for a DICOM SR + Secondary Capture per DICOM input, in its study "
+        "(these carry its identifiers; needs pneumoloc[pacs])",
+    )
+    p.add_argument(
+        "--no-input-check",
+        action="store_true",
+        help="give a probability for every readable image, frontal chest film or not",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an earlier run in --out: inputs with finished records are skipped",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's records, overlays and summary in --out first",
+    )
+    p.add_argument(
+        "--pseudonymise",
+        action="store_true",
+        help="name outputs by keyed pseudonyms (HMAC-SHA256) instead of the file names; the "
+        "key is kept in --out/.pseudonym-key unless --pseudonym-key-file is given",
+    )
+    p.add_argument(
+        "--pseudonym-key-file", type=Path, default=None, help="file holding the pseudonym key"
+    )
     _add_workers_option(p, help="reading/writing threads (default: all cores)")
     p.add_argument(
         "--threads",
@@ -632,6 +705,14 @@ def _add_predict_parser(sub: Subparsers) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pneumoloc.predict import predict_paths
 
+    key = None
+    if args.pseudonym_key_file is not None:
+        try:
+            key = args.pseudonym_key_file.read_text().strip()
+        except OSError as exc:
+            raise PneumolocError(
+                f"{args.pseudonym_key_file}: cannot read the key ({exc})"
+            ) from None
     result = predict_paths(
         args.inputs,
         args.out,
@@ -645,17 +726,91 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
         progress=not args.quiet,
+        dicom_out=args.dicom_out,
+        input_check=not args.no_input_check,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        pseudonymise_ids=args.pseudonymise or key is not None,
+        pseudonym_key=key,
     )
     print(
         f"{len(result.rows)} image(s): {result.n_ok} predicted, {result.n_failed} failed, "
+        f"{result.n_refused} refused (not frontal chest radiographs), "
         f"in {result.seconds:.1f} s ({result.backend}, {result.model_id})"
     )
     print(f"summary: {result.summary}")
     if result.n_failed:
         print(f"{result.n_failed} file(s) could not be read (skipped):", file=sys.stderr)
-        for row in [r for r in result.rows if r.status != "ok"][:20]:
+        for row in [r for r in result.rows if r.status == "failed"][:20]:
+            print(f"  {row.source}: {row.error}", file=sys.stderr)
+    if result.n_refused:
+        print(
+            f"{result.n_refused} image(s) refused, no probability given (--no-input-check "
+            "to predict them anyway):",
+            file=sys.stderr,
+        )
+        for row in [r for r in result.rows if r.status == "refused"][:20]:
             print(f"  {row.source}: {row.error}", file=sys.stderr)
     return result.exit_code
+
+
+# ---- listen ----------------------------------------------------------------------------------
+
+
+def _add_listen_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "listen",
+        help="a DICOM C-STORE listener: analyse each chest X-ray received, send SR + "
+        "Secondary Capture to the PACS",
+        description="Runs until SIGINT or SIGTERM, then finishes the queued images. See "
+        "docs/pacs.md for the statuses it answers with. Needs pneumoloc[pacs].",
+    )
+    p.add_argument("--ae-title", default="PNEUMOLOC", help="this listener's AE title")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port to listen on")
+    p.add_argument(
+        "--dest",
+        default=None,
+        metavar="AE@HOST:PORT",
+        help="where results are sent with C-STORE (the PACS), e.g. ORTHANC@127.0.0.1:4242",
+    )
+    p.add_argument(
+        "--dicom-out", type=Path, default=None, help="also write every result to this folder"
+    )
+    p.add_argument(
+        "--allow-caller",
+        action="append",
+        default=[],
+        metavar="AE",
+        help="accept associations only from this calling AE title (repeatable; default any)",
+    )
+    p.add_argument(
+        "--queue-size", type=int, default=16, help="images waiting for the model, at most"
+    )
+    p.add_argument("--model", default="default", help=_CHECKPOINT_HELP)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    _add_cam_option(p, default_from="model")
+    _add_device_option(p, help=f"{_DEVICE_HELP} (torch backend)")
+    p.set_defaults(handler=_cmd_listen)
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from pneumoloc.listen import Destination, ListenConfig, run_listener
+
+    config = ListenConfig(
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        destination=Destination.parse(args.dest) if args.dest else None,
+        model=args.model,
+        backend=args.backend,
+        device=args.device,
+        cam_method=args.cam,
+        queue_size=args.queue_size,
+        dicom_out=args.dicom_out,
+        allowed_callers=tuple(args.allow_caller),
+    )
+    return run_listener(config)
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -708,6 +863,45 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"{result.ece_before:.4f} -> {result.ece_after:.4f} ({result.n_images} images; "
         "ECE on a test split: pneumoloc evaluate)"
     )
+    return 0
+
+
+def _add_calibrate_ood_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "calibrate-ood",
+        help="fit the input check's statistics of real films' features for a checkpoint",
+        description="Fits, for each cache given (one per source), the mean and covariance of "
+        "the classifier's pooled features on its training split and a threshold on its "
+        "validation split; writes CHECKPOINT's .ood.pt beside it (used by predict and serve).",
+    )
+    _add_checkpoint_argument(p)
+    p.add_argument(
+        "--data", required=True, nargs="+", help="caches (or data folders) of real films"
+    )
+    p.add_argument("--out", type=Path, default=None, help="default: beside the checkpoint")
+    p.add_argument("--max-per-split", type=int, default=None, help="at most N films of each split")
+    _add_device_option(p)
+    _add_batch_size_option(p, default=8)
+    p.set_defaults(handler=_cmd_calibrate_ood)
+
+
+def _cmd_calibrate_ood(args: argparse.Namespace) -> int:
+    from pneumoloc.calibrate_ood import calibrate_ood
+
+    result = calibrate_ood(
+        args.checkpoint,
+        args.data,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_per_split=args.max_per_split,
+    )
+    for name, facts in result.sources.items():
+        print(
+            f"  {name}: fitted on {facts['n_fit']} films, threshold on {facts['n_heldout']} "
+            f"held-out films ({facts['heldout_refused_fraction']:.1%} of them refused)"
+        )
+    print(f"wrote {result.path}")
     return 0
 
 
@@ -768,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_selftrain_parser(sub)
     _add_calibrate_parser(sub)
+    _add_calibrate_ood_parser(sub)
     _add_ensemble_parser(sub)
     _add_demo_parser(sub)
     _add_evaluate_parser(sub)
@@ -775,6 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
+    _add_listen_parser(sub)
     return parser
 
 

@@ -71,7 +71,7 @@ def run_demo(
             "progress": not quick,
         },
     )
-    result = train(config, cache=cache)
+    result = train(config, cache=cache, overwrite=True)  # the demo remakes its run each time
     best = result.best_metrics
     print(
         f"[3/4] trained {model} at {model_size} px from image labels only: best epoch "

@@ -43,6 +43,11 @@ class ImageTooLargeError(ImageReadError):
     """The declared dimensions are absurd; refused before decoding."""
 
 
+class NotAChestRadiographError(ImageReadError):
+    """A readable image that the input check refuses: not a frontal chest radiograph (see
+    :mod:`pneumoloc.inference.input_check`); no probability is given for it."""
+
+
 class DataError(PneumolocError):
     """A data set (folder, labels file, cache) is unusable as given."""
 

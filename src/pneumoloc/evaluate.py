@@ -402,6 +402,25 @@ def _write_gallery(
     return items
 
 
+def _subgroups(
+    preds: EvalPredictions, cache: Cache, threshold: float, n_boot: int
+) -> dict[str, Any] | None:
+    """Metrics by view position, sex and age band (aggregates only; docs/pacs.md)."""
+    from pneumoloc.data.demographics import subgroup_columns
+    from pneumoloc.metrics.subgroups import subgroup_metrics
+
+    scored = cache.has_boxes
+    return subgroup_metrics(
+        preds.labels,
+        preds.probs,
+        subgroup_columns(cache.table, preds.rows),
+        threshold,
+        boxes=[(b.boxes, b.scores) for b in preds.boxes] if scored else None,
+        gts=preds.gts if scored else None,
+        n_boot=n_boot,
+    )
+
+
 def _write_figures(metrics: Mapping[str, Any], report_dir: Path) -> dict[str, str]:
     from pneumoloc.report import plots
 
@@ -434,6 +453,12 @@ def _write_figures(metrics: Mapping[str, Any], report_dir: Path) -> dict[str, st
     if loc is not None:
         figures["Box accuracy vs CAM threshold (MaxBoxAcc sweep)"] = plots.plot_box_sweep(
             loc["max_box_acc_curve"], report_dir / "box_sweep.png"
+        ).name
+    if metrics.get("subgroups"):
+        from pneumoloc.report.subgroups import plot_subgroups
+
+        figures["Metrics by subgroup (95% bootstrap CIs)"] = plot_subgroups(
+            metrics["subgroups"], report_dir / "subgroups.png"
         ).name
     return figures
 
@@ -564,6 +589,7 @@ def evaluate(
         ),
         "localisation": _localisation(preds, predictor, cache) if cache.has_boxes else None,
     }
+    metrics["subgroups"] = _subgroups(preds, cache, threshold, n_boot)
     if not cache.has_boxes:
         metrics["localisation_unavailable"] = (
             "Ground-truth boxes are unavailable for this data (its layout carries image-level "

@@ -135,22 +135,42 @@ class RunFiles:
         return self.run_dir / "best.pt"
 
 
+RUN_OUTPUTS = (
+    "best.pt",
+    "last.pt",
+    "best.pt.tmp",
+    "last.pt.tmp",
+    "metrics.jsonl",
+    "config.yaml",
+    "tensorboard",
+)
+"""What a run writes into its folder (``--overwrite`` removes exactly these first)."""
+
+
 def train(
     config: TrainConfig,
     *,
     step_callback: StepCallback | None = None,
     resume: str | Path | None = None,
     cache: Cache | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a classifier as ``config`` says, resuming from a checkpoint if asked.
+
+    A fresh run refuses a run folder (``config.out``) that is not empty: it would replace
+    ``best.pt`` and ``last.pt`` and append to ``metrics.jsonl``. Give ``resume`` to continue
+    the run there, or ``overwrite=True`` to start again (the files of :data:`RUN_OUTPUTS` are
+    removed first; anything else in the folder is left alone).
 
     Args:
         config: The resolved configuration.
         step_callback: Called after every optimiser step (tests use it to interrupt a run).
         resume: A checkpoint written by an earlier, interrupted run of the same config.
         cache: An already opened cache (otherwise ``config.data`` is opened or prepared).
+        overwrite: Start a fresh run in a run folder that holds an earlier one.
 
     Raises:
+        ConfigError: A non-empty run folder without ``resume`` or ``overwrite``, or both.
         DataError: Unusable data (empty or single-class training split, wrong image size).
         CheckpointError: A resume checkpoint that is missing, corrupt or from another model.
     """
@@ -159,9 +179,43 @@ def train(
     config.validate()
     ctx = init_distributed(config.device)
     try:
+        # Every rank checks before any rank writes (the first write follows a barrier).
+        _claim_run_folder(Path(config.out), resume=resume, overwrite=overwrite, ctx=ctx)
         return _train(config, ctx, build_model, step_callback, resume, cache)
     finally:
         shutdown_distributed(ctx)
+
+
+def _claim_run_folder(
+    run_dir: Path, *, resume: str | Path | None, overwrite: bool, ctx: DistContext
+) -> None:
+    """Refuse a non-empty run folder for a fresh run; with ``overwrite``, clear its outputs."""
+    if resume is not None and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: --out must be a folder, and this is a file")
+    if resume is not None or not run_dir.is_dir():
+        return
+    present = sorted(p.name for p in run_dir.iterdir())
+    if not present:
+        return
+    if not overwrite:
+        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        raise ConfigError(
+            f"{run_dir}: the run folder is not empty ({shown}); a fresh run would replace its "
+            "checkpoints and mix its metrics.jsonl with another run's. Continue that run with "
+            "--resume, start again there with --overwrite, or choose another --out"
+        )
+    if ctx.is_main:
+        import shutil
+
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        logger.info("--overwrite: removed the earlier run's outputs from %s", run_dir)
 
 
 def _train(
@@ -361,6 +415,8 @@ def _run_epochs(
             "val": state.last_val,
             "best": improved,
         }
+        if stats.partial:
+            record["train_loss_partial"] = True  # the steps before a restart are unknown
         state.history.append(record)
         if ctx.is_main:
             _log_epoch(record, files.run_dir, files.writer)
@@ -409,7 +465,14 @@ def _save_interrupted(
     if point.step_in_epoch >= batches.steps_per_epoch:
         # interrupted after an epoch's last step, before its checkpoint
         logger.warning("interrupted during validation: resuming repeats that epoch's validation")
-    snapshot = training_snapshot(state, point.epoch, point.step_in_epoch, point.rngs)
+    snapshot = training_snapshot(
+        state,
+        point.epoch,
+        point.step_in_epoch,
+        point.rngs,
+        epoch_seen=point.seen,
+        epoch_loss_sum=point.loss_sum,
+    )
     payload = checkpoint_payload(
         state,
         config,

@@ -6,7 +6,8 @@ Layout of a cache folder::
     files.csv        one row per image: image_id, patient_id, label, path, file size and mtime
     images.npy       uint8 (N, size, size), memory-mapped; row i is files.csv row i
     progress.jsonl   rows finished so far (appended per chunk: an interrupted run resumes here)
-    index.csv        files.csv plus status, original height/width, view position, error
+    index.csv        files.csv plus status, original height/width, view position, patient
+                     sex and age band (DICOM; for reports by subgroup), error
     boxes.json       ground-truth boxes in original pixels, for EVALUATION only
     splits.json      the patient-level train/val/test split, by image id
 
@@ -27,11 +28,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pneumoloc import __version__
+from pneumoloc.data.demographics import dicom_demographics
+from pneumoloc.data.files import open_error_reason
 from pneumoloc.data.folder import index_data, index_unlabelled
 from pneumoloc.data.records import DatasetIndex
 from pneumoloc.data.splits import Split, patient_split
@@ -69,11 +73,23 @@ def _decode_chunk(images_path: str, size: int, rows: list[int], paths: list[str]
             out[row], image = load_resized(path, size)
             h, w = image.original_shape
             results.append(
-                {"row": row, "status": STATUS_OK, "h": h, "w": w, "view": image.view_position}
+                {
+                    "row": row,
+                    "status": STATUS_OK,
+                    "h": h,
+                    "w": w,
+                    "view": image.view_position,
+                    **(dicom_demographics(path) if image.source_format == "dicom" else {}),
+                }
             )
         except ImageReadError as exc:
             out[row] = 0
             results.append({"row": row, "status": STATUS_FAILED, "error": exc.reason})
+        except OSError as exc:  # cannot open: a broken link, a link loop, a folder, permissions
+            out[row] = 0
+            results.append(
+                {"row": row, "status": STATUS_FAILED, "error": open_error_reason(path, exc)}
+            )
         except Exception as exc:  # a reader bug must not lose the rest of the folder
             out[row] = 0
             results.append(
@@ -84,10 +100,16 @@ def _decode_chunk(images_path: str, size: int, rows: list[int], paths: list[str]
 
 
 def _file_table(index: DatasetIndex) -> pd.DataFrame:
+    """One row per record with its file's size and mtime; -1 for both when it cannot be
+    looked at (a broken link, a link loop): decoding then fails it with the reason."""
     rows = []
     for rec in index.records:
         assert rec.path is not None
-        stat = rec.path.stat()
+        try:
+            stat = rec.path.stat()
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
         rows.append(
             {
                 "image_id": rec.image_id,
@@ -95,8 +117,8 @@ def _file_table(index: DatasetIndex) -> pd.DataFrame:
                 "label": rec.label,
                 "detail": rec.detail or "",
                 "path": str(rec.path),
-                "file_size": stat.st_size,
-                "file_mtime_ns": stat.st_mtime_ns,
+                "file_size": size,
+                "file_mtime_ns": mtime,
             }
         )
     columns = ["image_id", "patient_id", "label", "detail", "path", "file_size", "file_mtime_ns"]
@@ -386,6 +408,7 @@ def _consume(results: Iterator[list[dict]], done: dict[int, dict], log, bar) -> 
 def _old_results(out: Path, old_manifest: dict) -> dict[int, dict]:
     if old_manifest.get("complete") and (out / "index.csv").is_file():
         table = pd.read_csv(out / "index.csv", keep_default_na=False)
+        has_demographics = "sex" in table.columns and "age_band" in table.columns
         result = {}
         for row, rec in enumerate(table.itertuples(index=False)):
             status = STATUS_OK if rec.status == "ok" else STATUS_FAILED
@@ -395,10 +418,21 @@ def _old_results(out: Path, old_manifest: dict) -> dict[int, dict]:
                 "h": int(rec.orig_h),
                 "w": int(rec.orig_w),
                 "view": rec.view or None,
+                **_demographics_of(rec, has_demographics),
                 "error": rec.error,
             }
         return result
     return _read_progress(out / "progress.jsonl")
+
+
+def _demographics_of(rec: Any, recorded: bool) -> dict[str, str | None]:
+    """Sex and age band of an old index row: its own, or (a cache made before they were
+    recorded) read from the file's header now."""
+    if recorded:
+        return {"sex": rec.sex or None, "age_band": rec.age_band or None}
+    if rec.status != "ok":
+        return {}
+    return dict(dicom_demographics(rec.path))
 
 
 def _carry_over(
@@ -438,9 +472,12 @@ def _finish(
     table["orig_h"] = [int(done[i].get("h") or 0) for i in range(len(files))]
     table["orig_w"] = [int(done[i].get("w") or 0) for i in range(len(files))]
     table["view"] = [done[i].get("view") or "" for i in range(len(files))]
+    # Coarse subgroups for evaluate's report by subgroup (pneumoloc.data.demographics).
+    table["sex"] = [done[i].get("sex") or "" for i in range(len(files))]
+    table["age_band"] = [done[i].get("age_band") or "" for i in range(len(files))]
     table["error"] = [done[i].get("error") or "" for i in range(len(files))]
     table.to_csv(out / "index.csv", index=False)
-    boxes = {r.image_id: r.boxes.tolist() for r in index.records if len(r.boxes)}
+    boxes, n_clipped = _boxes_inside_images(index, table)
     _write_json(out / "boxes.json", boxes)
     ok = np.flatnonzero(table["status"].to_numpy() == "ok")
     if len(ok) < 3:
@@ -472,6 +509,7 @@ def _finish(
             "n_positive": int((table["label"].to_numpy()[ok] == 1).sum()),
             "n_missing_labelled": len(index.missing),
             "n_unlabelled": len(index.unlabelled),
+            "n_boxes_clipped": n_clipped,
             "fingerprint": fingerprint,
             "split": {
                 "seed": split_seed,
@@ -484,6 +522,52 @@ def _finish(
     (out / "progress.jsonl").unlink(missing_ok=True)
     for row in failed.itertuples(index=False):
         logger.warning("skipped %s: %s", row.path, row.error)
+
+
+def _boxes_inside_images(
+    index: DatasetIndex, table: pd.DataFrame
+) -> tuple[dict[str, list[list[float]]], int]:
+    """Ground-truth boxes per image id, each clipped to its decoded image (a box that reaches
+    outside is warned about with the image id; one wholly outside is dropped)."""
+    sizes = {
+        str(r.image_id): (int(r.orig_w), int(r.orig_h))
+        for r in table.itertuples(index=False)
+        if r.status == "ok"
+    }
+    out: dict[str, list[list[float]]] = {}
+    n_clipped = 0
+    for rec in index.records:
+        if not len(rec.boxes):
+            continue
+        size = sizes.get(rec.image_id)
+        if size is None:  # unreadable image: its boxes are never scored
+            out[rec.image_id] = rec.boxes.tolist()
+            continue
+        w, h = size
+        kept = []
+        for x, y, bw, bh in rec.boxes.tolist():
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
+            if (x0, y0, x1, y1) == (x, y, x + bw, y + bh):
+                kept.append([x, y, bw, bh])
+                continue
+            n_clipped += 1
+            logger.warning(
+                "%s: ground-truth box (x=%g, y=%g, width=%g, height=%g) reaches outside the "
+                "image (%d x %d px): %s",
+                rec.image_id,
+                x,
+                y,
+                bw,
+                bh,
+                w,
+                h,
+                "clipped to it" if x1 > x0 and y1 > y0 else "dropped (wholly outside)",
+            )
+            if x1 > x0 and y1 > y0:
+                kept.append([x0, y0, x1 - x0, y1 - y0])
+        if kept:
+            out[rec.image_id] = kept
+    return out, n_clipped
 
 
 def _read_json(path: Path) -> dict:

@@ -11,9 +11,9 @@ import logging
 import re
 from pathlib import Path
 
+from pneumoloc.data.files import list_images, warn_listing
 from pneumoloc.data.records import DatasetIndex, XrayRecord
 from pneumoloc.errors import DataError
-from pneumoloc.io import is_supported_file
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ def is_folder_layout(root: str | Path) -> bool:
 def index_folder(root: str | Path) -> DatasetIndex:
     """Index a NORMAL/PNEUMONIA folder (recursively inside each class folder).
 
+    Files are listed by :func:`pneumoloc.data.files.list_images`: hidden ones are left out
+    (with a warning), broken links are kept so that they get a failed row.
+
     Raises:
         DataError: If neither class folder exists.
     """
@@ -59,17 +62,18 @@ def index_folder(root: str | Path) -> DatasetIndex:
         raise DataError(f"{root}: expected NORMAL/ and PNEUMONIA/ sub-folders")
     records = []
     for label, folder in sorted(dirs.items()):
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and is_supported_file(path):
-                records.append(
-                    XrayRecord(
-                        image_id=path.relative_to(root).as_posix(),
-                        patient_id=patient_from_filename(path.name),
-                        label=label,
-                        path=path,
-                        detail=folder.name,
-                    )
+        listing = list_images(folder)
+        warn_listing(listing, str(folder))
+        for path in listing.files:
+            records.append(
+                XrayRecord(
+                    image_id=path.relative_to(root).as_posix(),
+                    patient_id=patient_from_filename(path.name),
+                    label=label,
+                    path=path,
+                    detail=folder.name,
                 )
+            )
     index = DatasetIndex(kind="folder", root=root, records=records, has_boxes=False)
     logger.info(index.summary())
     return index
@@ -91,6 +95,8 @@ def index_unlabelled(root: str | Path) -> DatasetIndex:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
+    listing = list_images(root)
+    warn_listing(listing, str(root))
     records = [
         XrayRecord(
             image_id=path.relative_to(root).as_posix(),
@@ -98,8 +104,7 @@ def index_unlabelled(root: str | Path) -> DatasetIndex:
             label=UNLABELLED,
             path=path,
         )
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and is_supported_file(path)
+        for path in listing.files
     ]
     if not records:
         raise DataError(f"{root}: no DICOM, PNG or JPEG images found")

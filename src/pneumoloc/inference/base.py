@@ -163,6 +163,13 @@ class BasePredictor:
         probabilities (B,), heatmaps (B, S, S) in [0, 1], and the images as uint8 numpy."""
         raise NotImplementedError
 
+    def network_with_features(
+        self, images: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`network` plus the classifier's pooled features (B, C) of the same pass, or
+        None where the backend cannot give them (the ONNX graph outputs no features)."""
+        return (*self.network(images), None)
+
     def probabilities(self, images: Any) -> np.ndarray:
         """Calibrated probabilities (B,) for uint8 images (B, S, S), without post-processing."""
         probs = self.network(images)[0]
@@ -175,6 +182,11 @@ class BasePredictor:
         heatmaps go through :meth:`postprocess` (the same steps for every backend).
         """
         probs, maps, pixels = self.network(images)
+        return self._after_network(probs, maps, pixels)
+
+    def _after_network(
+        self, probs: np.ndarray, maps: np.ndarray, pixels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         if len(probs) == 0:
             return probs, maps
         return apply_temperature(probs, self.temperature), self.postprocess(pixels, maps)
@@ -195,11 +207,22 @@ class BasePredictor:
         self,
         images: np.ndarray,
         original_shapes: Sequence[tuple[int, int]],
+        *,
+        with_features: bool = False,
     ) -> list[Prediction]:
-        """Predict uint8 images already at the model's size (e.g. rows of a cache)."""
+        """Predict uint8 images already at the model's size (e.g. rows of a cache).
+
+        With ``with_features``, each prediction also carries the classifier's pooled features
+        of the same forward pass (None where the backend has none), for the input check.
+        """
         if len(images) != len(original_shapes):
             raise ValueError("images and original_shapes differ in length")
-        probs, maps = self.heatmaps(images)
+        feats: np.ndarray | None = None
+        if with_features:
+            raw_probs, raw_maps, pixels, feats = self.network_with_features(images)
+            probs, maps = self._after_network(raw_probs, raw_maps, pixels)
+        else:
+            probs, maps = self.heatmaps(images)
         shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
         all_boxes = self.draw_boxes(images, probs, maps, shapes)
         return [
@@ -210,8 +233,11 @@ class BasePredictor:
                 heatmap=h,
                 boxes=boxes,
                 original_shape=shape,
+                features=None if feats is None else feats[i],
             )
-            for p, h, boxes, shape in zip(probs, maps, all_boxes, shapes, strict=True)
+            for i, (p, h, boxes, shape) in enumerate(
+                zip(probs, maps, all_boxes, shapes, strict=True)
+            )
         ]
 
     def draw_boxes(
@@ -228,7 +254,9 @@ class BasePredictor:
             for p, h, shape in zip(probs, maps, shapes, strict=True)
         ]
 
-    def predict_xrays(self, xrays: Sequence[XrayImage]) -> list[Prediction]:
+    def predict_xrays(
+        self, xrays: Sequence[XrayImage], *, with_features: bool = False
+    ) -> list[Prediction]:
         """Predict decoded X-rays of any size (resized exactly as the cache does)."""
         s = self.image_size
         arrays = (
@@ -236,7 +264,9 @@ class BasePredictor:
             if xrays
             else np.zeros((0, s, s), np.uint8)
         )
-        return self.predict_arrays(arrays, [x.original_shape for x in xrays])
+        return self.predict_arrays(
+            arrays, [x.original_shape for x in xrays], with_features=with_features
+        )
 
     def describe(self) -> dict[str, Any]:
         """What produced a prediction: model, version, CAM method, box rule, threshold."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,9 @@ class Prediction:
         heatmap: float32 (S, S) at the model's input size, normalised to [0, 1] per image.
         boxes: Scored boxes in ORIGINAL image pixels (x, y, width, height); empty when negative.
         original_shape: (height, width) of the source image.
+        features: The classifier's pooled features (C,) of the image, when asked for
+            (``predict_arrays(..., with_features=True)``; the input check's evidence), else
+            None. Never part of a record.
     """
 
     probability: float
@@ -31,6 +34,7 @@ class Prediction:
     heatmap: np.ndarray
     boxes: ScoredBoxes
     original_shape: tuple[int, int]
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (no heatmap)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Predictor(BasePredictor):
     model: torch.nn.Module
     detector: torch.nn.Module | None = None
     members: list[torch.nn.Module] = field(default_factory=list)
+    _weights_sha256: str | None = field(default=None, init=False, repr=False)
 
     @property
     def box_source(self) -> str:
@@ -115,6 +117,28 @@ class Predictor(BasePredictor):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Uncalibrated probabilities (B,), heatmaps (B, S, S) in [0, 1] and the uint8 images,
         for uint8 images (B, S, S)."""
+        probs, maps, pixels, _ = self._run(images, features=False)
+        return probs, maps, pixels
+
+    def network_with_features(
+        self, images: np.ndarray | torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`network` plus the pooled features (B, C) of the (first) model's feature map,
+        taken from the same forward pass (a hook on its ``feature_tap``)."""
+        return self._run(images, features=True)
+
+    @property
+    def weights_sha256(self) -> str:
+        """Digest of the weights whose features the input check reads (the first model's)."""
+        from pneumoloc.inference.ood import weights_digest
+
+        if self._weights_sha256 is None:
+            self._weights_sha256 = weights_digest(self.model.state_dict())
+        return self._weights_sha256
+
+    def _run(
+        self, images: np.ndarray | torch.Tensor, *, features: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         tensor = (
             torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         )
@@ -123,25 +147,70 @@ class Predictor(BasePredictor):
         models = self.members or [self.model]
         device = next(self.model.parameters()).device
         layers = [cam_layers_of(m, self.cam_layers) for m in models]  # type: ignore[arg-type]
-        probs, maps = [], []
+        probs, maps, pooled = [], [], []
         for start in range(0, len(tensor), self.batch_size):
             # uint8 travels to the device (4x less than float32), standardised there.
             x = to_model_input(tensor[start : start + self.batch_size].to(device))
-            outputs = [
-                compute_cam(
-                    m,  # type: ignore[arg-type]
-                    x,
-                    method=self.cam_method,
-                    target_layers=target,
-                    tta=self.tta,
-                    scale_to_max=True,
-                )
-                for m, target in zip(models, layers, strict=True)
-            ]
+            with _first_features(models[0] if features else None, len(x)) as captured:
+                outputs = [
+                    compute_cam(
+                        m,  # type: ignore[arg-type]
+                        x,
+                        method=self.cam_method,
+                        target_layers=target,
+                        tta=self.tta,
+                        scale_to_max=True,
+                    )
+                    for m, target in zip(models, layers, strict=True)
+                ]
+            if features:
+                pooled.append(captured[0] if captured else _pooled_features(models[0], x))
             # An ensemble's mean; for one model the output itself.
             probs.append(torch.stack([o[0] for o in outputs]).mean(0).detach().cpu())
             maps.append(torch.stack([o[1] for o in outputs]).mean(0).detach().cpu())
         if not probs:
             s = self.image_size
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros((0, s, s))
-        return torch.cat(probs).numpy(), torch.cat(maps).numpy(), tensor[:, 0].cpu().numpy()
+            empty = np.zeros((0, s, s), np.float32)
+            return np.zeros(0, np.float32), empty, np.zeros((0, s, s)), None
+        feats = torch.cat(pooled).numpy() if features else None
+        return (
+            torch.cat(probs).numpy(),
+            torch.cat(maps).numpy(),
+            tensor[:, 0].cpu().numpy(),
+            feats,
+        )
+
+
+@contextmanager
+def _first_features(model: torch.nn.Module | None, batch: int) -> Iterator[list[torch.Tensor]]:
+    """Collect the pooled output of ``model.feature_tap`` at its first call on a whole batch.
+
+    Classic CAM makes one forward pass; test-time augmentation's first view is the image
+    itself; the grad-cam methods run the image first too. Nothing is collected when ``model``
+    is None or has no tap (the caller then runs :func:`_pooled_features`).
+    """
+    captured: list[torch.Tensor] = []
+    tap = getattr(model, "feature_tap", None)
+    if not isinstance(tap, torch.nn.Module):
+        yield captured
+        return
+
+    def hook(_: torch.nn.Module, __: Any, output: torch.Tensor) -> None:
+        if not captured and output.ndim == 4 and output.shape[0] == batch:
+            captured.append(output.detach().float().mean(dim=(2, 3)).cpu())
+
+    handle = tap.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def _pooled_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features (B, C) of standardised images from a pass of their own."""
+    from pneumoloc.cam import eval_mode
+
+    with eval_mode(model):
+        feats = model.forward_features(x)  # type: ignore[operator]
+    return feats.float().mean(dim=(2, 3)).cpu()

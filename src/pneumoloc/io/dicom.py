@@ -7,6 +7,15 @@ transfer syntax. JPEG Baseline frames (all of RSNA) are decoded with Pillow, at 
 1/8 resolution when ``min_size`` allows; every other syntax goes through pydicom and its
 pylibjpeg plugins at full resolution.
 
+Memory stays bounded by the declared image, checked before it is spent:
+
+* a deflated data set (Deflated Explicit VR Little Endian) is inflated in bounded chunks by
+  :mod:`pneumoloc.io.deflate`, never past what its declared rows x columns x bits need
+  (pydicom would inflate it whole inside ``dcmread``);
+* native pixel data longer than the declared image needs is refused before it is read;
+* a compressed frame whose own header (:mod:`pneumoloc.io.codestream`) declares more samples
+  than the DICOM header is refused before any decoder allocates them.
+
 Intensity rules (see :mod:`pneumoloc.io.reader`): 8-bit unsigned data with an identity
 modality LUT and no VOI LUT applied passes through exactly; everything else is min-max
 scaled from the actual values after the LUTs. MONOCHROME1 is inverted last, as ``255 - v``.
@@ -16,30 +25,39 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
-import pydicom
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import get_frame
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels import apply_voi_lut as _pydicom_apply_voi_lut
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from pneumoloc.errors import (
+    ImageReadError,
     ImageTooLargeError,
     NoPixelDataError,
     NotAnImageError,
     TruncatedImageError,
     UnsupportedImageError,
 )
+from pneumoloc.io.codestream import frame_size
+from pneumoloc.io.deflate import TRAILER_BYTES, read_deflated
+from pneumoloc.io.guards import ElementGuard, ReadBudget
 from pneumoloc.io.image import (
     _DECODE_ERRORS,
     XrayImage,
@@ -49,6 +67,11 @@ from pneumoloc.io.image import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Syntaxes whose frames declare their own size (read by pneumoloc.io.codestream).
+_SIZED_CODESTREAMS = frozenset(
+    [*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes]
+)
 
 # Elements larger than this are not read while parsing the header; pydicom reads them on
 # first access. A huge DICOM refused for its declared size is thus never read in full.
@@ -66,12 +89,7 @@ class _DicomHeader(NamedTuple):
 
 def _read_dicom(fp: BinaryIO, name: str, options: _Options, *, has_prefix: bool) -> XrayImage:
     """Read a DICOM; ``has_prefix`` says whether it had the "DICM" prefix or was sniffed."""
-    try:
-        ds = pydicom.dcmread(fp, defer_size=_DEFER_SIZE, force=True)
-    except _DECODE_ERRORS as exc:
-        raise TruncatedImageError(
-            name, f"unreadable DICOM (truncated or corrupt header: {_describe(exc)})"
-        ) from exc
+    ds = _parse_dicom(fp, name, options)
     if len(ds) == 0:
         # pydicom gives up silently (with a warning) on a stream cut inside a data element.
         if has_prefix:
@@ -89,9 +107,16 @@ def _read_dicom(fp: BinaryIO, name: str, options: _Options, *, has_prefix: bool)
         ) from exc
 
     stored: np.ndarray | None = None
-    fast = transfer_syntax == JPEGBaseline8Bit and header.bits_allocated == 8 and not header.signed
-    if fast:
-        stored = _decode_jpeg_baseline_frame(ds, name, header, options.min_size)
+    if transfer_syntax.is_encapsulated:
+        frame = _first_frame(ds, name, header, transfer_syntax, options.max_pixels)
+        fast = (
+            transfer_syntax == JPEGBaseline8Bit and header.bits_allocated == 8 and not header.signed
+        )
+        if fast:
+            stored = _decode_jpeg_baseline_frame(frame, ds, name, header, options.min_size)
+        del frame
+    else:
+        _check_native_length(ds, name, header)
     if stored is None:
         stored = _decode_with_pydicom(ds, name, header)
     logger.debug("read %s: DICOM %s, decoded %s", name, transfer_syntax.name, stored.shape)
@@ -106,6 +131,50 @@ def _read_dicom(fp: BinaryIO, name: str, options: _Options, *, has_prefix: bool)
         view_position=_view_position(ds),
         photometric=header.photometric,
     )
+
+
+def _parse_dicom(fp: BinaryIO, name: str, options: _Options) -> FileDataset:
+    """The data set in ``fp``, large elements deferred; a deflated one inflated with a budget."""
+    start = fp.tell()
+    try:
+        preamble = read_preamble(fp, force=True)
+        # pydicom's own file meta reader (private, but it is what read_partial uses), so that
+        # the transfer syntax seen here is the one read_partial would act on.
+        file_meta: FileMetaDataset | None = _read_file_meta_info(fp)
+        deflated = file_meta is not None and (
+            file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        )
+    except _DECODE_ERRORS:
+        file_meta, deflated = None, False  # read_partial below reports the problem
+    if deflated and file_meta is not None:
+
+        def allowed_bytes(head: Dataset) -> int:
+            try:
+                return _pixel_bytes(_check_image_header(head, name, options.max_pixels))
+            except _DECODE_ERRORS as exc:
+                raise TruncatedImageError(
+                    name, f"corrupt DICOM header element ({_describe(exc, head)})"
+                ) from exc
+
+        try:
+            return read_deflated(fp, name, preamble, file_meta, allowed_bytes)
+        except ImageReadError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise TruncatedImageError(
+                name, f"unreadable deflated DICOM (truncated or corrupt: {_describe(exc)})"
+            ) from exc
+    fp.seek(start)
+    budget = ReadBudget(fp, name)
+    try:
+        # dcmread's own reader, with guards against floods of elements and items.
+        return read_partial(budget, ElementGuard(name), defer_size=_DEFER_SIZE, force=True)  # type: ignore[arg-type]
+    except _DECODE_ERRORS as exc:
+        if budget.error is not None:  # pydicom turned the refusal into an OSError
+            raise budget.error from None
+        raise TruncatedImageError(
+            name, f"unreadable DICOM (truncated or corrupt header: {_describe(exc)})"
+        ) from exc
 
 
 def _view_position(ds: Dataset) -> str | None:
@@ -131,6 +200,16 @@ def _check_dicom_header(ds: Dataset, name: str, max_pixels: int) -> _DicomHeader
         raise NoPixelDataError(
             name, "DICOM file has no pixel data (a report or other non-image object?)"
         )
+    return _check_image_header(ds, name, max_pixels)
+
+
+def _check_image_header(ds: Dataset, name: str, max_pixels: int) -> _DicomHeader:
+    """The checks of :func:`_check_dicom_header` that do not need the pixel data element.
+
+    The declared rows x columns x frames is compared with ``max_pixels``, and only one
+    sample per pixel of 8 or 16 bits is accepted, so the pixel data may take at most
+    ``2 * max_pixels`` bytes.
+    """
     rows = _int_element(ds, "Rows", name)
     cols = _int_element(ds, "Columns", name)
     frames = _int_element(ds, "NumberOfFrames", name, default=1)
@@ -172,6 +251,70 @@ def _check_dicom_header(ds: Dataset, name: str, max_pixels: int) -> _DicomHeader
     return _DicomHeader(rows, cols, photometric, bits_allocated, bits_stored, signed)
 
 
+def _pixel_bytes(header: _DicomHeader) -> int:
+    """Bytes of the declared single-frame, one-sample pixel data (native encoding)."""
+    return header.rows * header.cols * header.bits_allocated // 8
+
+
+def _check_native_length(ds: Dataset, name: str, header: _DicomHeader) -> None:
+    """Refuse native pixel data much longer than the declared image, before reading it.
+
+    pydicom would read all of it and decode the excess as extra frames.
+    """
+    element = ds.get_item("PixelData", keep_deferred=True)  # a deferred value stays unread
+    length = getattr(element, "length", None)
+    if length is None:
+        value = getattr(element, "value", None)
+        length = len(value) if isinstance(value, bytes | bytearray) else None
+    if length is None or length == 0xFFFFFFFF:
+        return  # undefined length: pydicom refuses native data encapsulated by mistake
+    needed = _pixel_bytes(header)
+    if length > needed + TRAILER_BYTES:
+        raise ImageTooLargeError(
+            name,
+            f"the pixel data element declares {length} bytes, but the declared {header.rows} x "
+            f"{header.cols} image needs {needed}; refused before reading it",
+        )
+
+
+def _first_frame(
+    ds: Dataset, name: str, header: _DicomHeader, syntax: UID, max_pixels: int
+) -> bytes:
+    """The single encapsulated frame, refused when its own header declares a larger image
+    (or, for the JPEG family, declares none that can be found)."""
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except _DECODE_ERRORS as exc:
+        raise TruncatedImageError(
+            name, f"truncated or corrupt encapsulated pixel data ({_describe(exc, ds)})"
+        ) from exc
+    size = frame_size(frame)
+    if size is None:
+        if syntax in _SIZED_CODESTREAMS:
+            raise TruncatedImageError(
+                name, "the compressed frame has no readable image header (SOF or SIZ segment)"
+            )
+        return frame  # RLE, or a codestream we do not parse: decoded to the header's size
+    if size.rows == 0:
+        raise UnsupportedImageError(
+            name, "the compressed frame does not declare its height (JPEG DNL segment)"
+        )
+    if size.samples > header.rows * header.cols:
+        text = f"{size.rows} x {size.cols} x {size.components} component(s)"
+        if size.rows * size.cols > max_pixels:
+            raise ImageTooLargeError(
+                name,
+                f"the compressed frame declares {text}, more than the limit of {max_pixels} "
+                "pixels; refused before decoding",
+            )
+        raise TruncatedImageError(
+            name,
+            f"the compressed frame declares {text}, more than the DICOM header's "
+            f"{header.rows} x {header.cols}; refused before decoding",
+        )
+    return frame
+
+
 def _int_element(ds: Dataset, keyword: str, name: str, default: int | None = None) -> int | None:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -210,19 +353,13 @@ def _transfer_syntax(ds: Dataset, name: str) -> UID:
 
 
 def _decode_jpeg_baseline_frame(
-    ds: Dataset, name: str, header: _DicomHeader, min_size: int | None
+    frame: bytes, ds: Dataset, name: str, header: _DicomHeader, min_size: int | None
 ) -> np.ndarray | None:
     """Fast path: decode the single JPEG Baseline frame with Pillow, maybe at reduced size.
 
     Returns None when Pillow does not recognise the frame as a plain 8-bit grayscale JPEG of
     the declared size, so that pydicom's general path (pylibjpeg) handles it.
     """
-    try:
-        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
-    except _DECODE_ERRORS as exc:
-        raise TruncatedImageError(
-            name, f"truncated or corrupt encapsulated pixel data ({_describe(exc, ds)})"
-        ) from exc
     try:
         img = Image.open(io.BytesIO(frame), formats=("JPEG",))
     except Image.DecompressionBombError as exc:
@@ -265,7 +402,7 @@ def _dicom_to_uint8(
     ds: Dataset, name: str, stored: np.ndarray, bits_stored: int, apply_voi: bool
 ) -> np.ndarray:
     """Apply the modality LUT (and the VOI LUT if asked), then map to uint8."""
-    identity = _modality_lut_is_identity(ds)
+    identity = _modality_lut_is_identity(ds, name)
     values: np.ndarray = stored
     try:
         if not identity:
@@ -284,12 +421,21 @@ def _dicom_to_uint8(
     return _minmax_to_uint8(values)
 
 
-def _modality_lut_is_identity(ds: Dataset) -> bool:
+def _modality_lut_is_identity(ds: Dataset, name: str = "DICOM") -> bool:
     if "ModalityLUTSequence" in ds:
         return False
     try:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    except (TypeError, ValueError):
-        return True  # unusable rescale values: pydicom would fail on them too; ignore them
+        if not (math.isfinite(slope) and math.isfinite(intercept) and slope != 0):
+            raise ValueError("not finite, or a zero slope")
+    except (TypeError, ValueError) as exc:
+        # unusable rescale values (pydicom would fail on them too): ignored, but not silently
+        logger.warning(
+            "%s: malformed RescaleSlope/RescaleIntercept ignored (%s); the stored values are "
+            "used as they are",
+            name,
+            _describe(exc, ds),
+        )
+        return True
     return slope == 1.0 and intercept == 0.0

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 """File suffixes (lower case) that :func:`pneumoloc.io.is_supported_file` accepts."""
@@ -27,9 +27,13 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # Longest wrapped library message kept in our errors.
 _MAX_REASON_CHARS = 300
 
+# Pixels scaled at a time by _minmax_to_uint8 (8 MB of float64 temporaries).
+_MINMAX_BLOCK = 1 << 20
+
 # Exceptions that pydicom, Pillow, numpy and the pylibjpeg plugins raise on malformed input.
 # They are caught only around calls that parse or decode file content, and re-raised as our
-# typed errors. (pydicom's InvalidDicomError is an Exception subclass, not in this tuple.)
+# typed errors. (pydicom's InvalidDicomError and BytesLengthException are plain Exception
+# subclasses, hence listed.)
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     EOFError,
@@ -44,6 +48,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
     zlib.error,
     InvalidDicomError,
+    BytesLengthException,  # pydicom: a value's length is no multiple of its VR's size
 )
 
 # DICOM keywords whose values may identify a person or a visit; scrubbed from any library
@@ -118,10 +123,16 @@ def _minmax_to_uint8(values: np.ndarray) -> np.ndarray:
     hi = float(values.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    # Multiply before dividing so that integer inputs land on exact halves where they should.
-    scaled = (values.astype(np.float64) - lo) * 255.0
-    scaled /= hi - lo
-    return np.rint(scaled).astype(np.uint8)
+    # In blocks, so the float64 temporaries stay small whatever the image size (a 64 Mpx
+    # image would otherwise need two 512 MB copies); the arithmetic per pixel is unchanged.
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    for start in range(0, flat.size, _MINMAX_BLOCK):
+        # Multiply before dividing so that integer inputs land on exact halves where they should.
+        scaled = (flat[start : start + _MINMAX_BLOCK].astype(np.float64) - lo) * 255.0
+        scaled /= hi - lo
+        out[start : start + _MINMAX_BLOCK] = np.rint(scaled)
+    return out.reshape(values.shape)
 
 
 def _describe(exc: BaseException, ds: Dataset | None = None) -> str:

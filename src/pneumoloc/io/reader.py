@@ -31,11 +31,12 @@ This module holds the public entry points and the format sniffing; the work is d
 from __future__ import annotations
 
 import io
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from pneumoloc.errors import NotAnImageError
+from pneumoloc.errors import ImageTooLargeError, NotAnImageError
 from pneumoloc.io.dicom import _read_dicom
 from pneumoloc.io.image import (
     DEFAULT_MAX_PIXELS,
@@ -59,6 +60,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _DICM_OFFSET = 128
 _DICM_MAGIC = b"DICM"
+_HEADER_ROOM = 64 << 20  # bytes allowed beyond the pixels: DICOM headers, PNG/JPEG metadata
 
 
 def is_supported_file(path: str | Path) -> bool:
@@ -104,13 +106,16 @@ def read_xray(
         NoPixelDataError: A DICOM without pixel data.
         UnsupportedImageError: Colour or multi-frame DICOM, unsupported bit depth or syntax.
         TruncatedImageError: The file is cut short or its compressed stream is corrupt.
-        ImageTooLargeError: The declared dimensions exceed ``max_pixels``.
+        ImageTooLargeError: The declared dimensions exceed ``max_pixels``, the file is larger
+            than such an image can be, or its compressed data (a deflated DICOM, a
+            compressed frame) expands past what its declared size needs.
         OSError: The file cannot be opened (missing, a directory, no permission).
         ValueError: ``min_size`` or ``max_pixels`` is not a positive integer.
     """
     options = _make_options(min_size, apply_voi_lut, max_pixels)
     path = Path(path)
     with path.open("rb") as fp:
+        _check_file_size(os.fstat(fp.fileno()).st_size, str(path), options)
         return _read(fp, str(path), options)
 
 
@@ -137,7 +142,24 @@ def read_xray_bytes(
         The decoded image.
     """
     options = _make_options(min_size, apply_voi_lut, max_pixels)
+    _check_file_size(len(data), name, options)
     return _read(io.BytesIO(bytes(data)), name, options)
+
+
+def _check_file_size(size: int, name: str, options: _Options) -> None:
+    """Refuse a file larger than any supported image within the pixel limit could be.
+
+    Every supported image takes at most 4 bytes per pixel uncompressed (16-bit grey with
+    alpha, 8-bit RGBA), plus room for headers; a larger file is refused before a byte of it
+    is parsed, so no path ever reads a huge file into memory.
+    """
+    limit = 4 * options.max_pixels + _HEADER_ROOM
+    if size > limit:
+        raise ImageTooLargeError(
+            name,
+            f"the file is {size} bytes, more than any image within the limit of "
+            f"{options.max_pixels} pixels can take ({limit} bytes); refused before reading",
+        )
 
 
 def _read(fp: BinaryIO, name: str, options: _Options) -> XrayImage:

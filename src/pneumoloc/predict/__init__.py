@@ -29,9 +29,16 @@ which also renders and writes the outputs, while the calling thread runs the mod
 (on the GPU when ``device="auto"`` finds one).
 
 Folders are searched recursively for files with a supported suffix (``.dcm``, ``.dicom``,
-``.png``, ``.jpg``, ``.jpeg``, any case), skipping hidden files and folders, symbolic links to
-folders and ``--out`` itself; files named on the command line are always tried (the format is
-detected from the content).
+``.png``, ``.jpg``, ``.jpeg``, any case), skipping symbolic links to folders and ``--out``
+itself, and hidden files and folders (with a warning; ``prepare`` follows the same rule,
+:mod:`pneumoloc.data.files`); a broken link or a link loop gets a failed row saying so, and a
+folder named like an image is reported. Files named on the command line are always tried
+(the format is detected from the content).
+
+Before any probability is given, each image goes through the input check
+(:mod:`pneumoloc.inference.input_check`); a refused one gets a ``refused`` row and a record
+with the reasons and no probability. An ``--out`` holding an earlier run is refused unless
+``resume`` or ``overwrite`` (:mod:`pneumoloc.predict.runfolder`, which also makes pseudonyms).
 """
 
 from pneumoloc.predict.inputs import (

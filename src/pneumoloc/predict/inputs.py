@@ -9,7 +9,6 @@ gives each a unique, file-name-safe output id, and :func:`read_input` decodes on
 from __future__ import annotations
 
 import logging
-import os
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,6 +77,7 @@ class ReadResult:
             None when no overlay is wanted or on failure.
         original_shape: ``(height, width)`` of the stored image.
         identifiers: The DICOM identifiers (only when asked for, and for DICOMs).
+        tags: The DICOM tags the input check reads (only when asked for, and for DICOMs).
         error: The reason of a failure (already safe to show), else None.
     """
 
@@ -85,6 +85,7 @@ class ReadResult:
     display: np.ndarray | None = None
     original_shape: tuple[int, int] = (0, 0)
     identifiers: dict[str, str] | None = None
+    tags: dict[str, str] | None = None
     error: str | None = None
 
 
@@ -102,25 +103,16 @@ def _display(text: str) -> str:
     return text
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
-    """Supported files under ``root``, without hidden entries or the folder ``exclude``."""
-    from pneumoloc.io import is_supported_file
+    """Supported files under ``root`` by the rule ``prepare`` follows too
+    (:func:`pneumoloc.data.files.list_images`): hidden entries are left out with a warning,
+    broken links are kept (their read fails with a row saying so), folders named like images
+    are searched and reported."""
+    from pneumoloc.data.files import list_images, warn_listing
 
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        here = Path(folder)
-        dirs[:] = sorted(
-            d
-            for d in dirs
-            if not _is_hidden(d) and (exclude is None or (here / d).resolve() != exclude)
-        )
-        for name in sorted(names):
-            path = here / name
-            if not _is_hidden(name) and is_supported_file(name) and path.is_file():
-                yield path
+    listing = list_images(root, exclude=exclude)
+    warn_listing(listing, _display(root.name or str(root)))
+    yield from listing.files
 
 
 def collect_inputs(inputs: Iterable[str | Path], *, exclude: Path | None = None) -> list[InputFile]:
@@ -149,6 +141,14 @@ def collect_inputs(inputs: Iterable[str | Path], *, exclude: Path | None = None)
     return files
 
 
+def _resolved(path: Path) -> Path:
+    """``path.resolve()``, or its absolute path for a link that loops."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+        return path.absolute()
+
+
 def assign_ids(files: Sequence[InputFile], out: Path | None = None) -> list[str]:
     """A unique, file-name-safe output id per input, from its file name.
 
@@ -158,7 +158,7 @@ def assign_ids(files: Sequence[InputFile], out: Path | None = None) -> list[str]
     """
     from pneumoloc.data.records import safe_name
 
-    inputs = {f.path.resolve() for f in files} if out is not None else set()
+    inputs = {_resolved(f.path) for f in files} if out is not None else set()
     taken: set[str] = set()
     ids = []
     for f in files:
@@ -227,6 +227,7 @@ def read_input(
     *,
     display: bool = False,
     keep_identifiers: bool = False,
+    check_tags: bool = False,
 ) -> ReadResult:
     """Decode one file for the model exactly as the cache and ``submit`` do, never raising.
 
@@ -238,6 +239,7 @@ def read_input(
         size: The model's input side.
         display: Also return the X-ray for the overlay.
         keep_identifiers: Also read the DICOM identifiers (DICOM files only).
+        check_tags: Also read the tags of the input check (DICOM files only).
 
     Returns:
         The pixels, or the reason of a failure in ``error``.
@@ -251,10 +253,20 @@ def read_input(
         shown = _display_pixels(path, image.pixels, (h, w)) if display else None
     except ImageReadError as exc:
         return ReadResult(error=_display(exc.reason))
-    except OSError as exc:  # cannot open: permission, vanished, a directory
-        return ReadResult(error=_display(f"cannot open the file ({exc.strerror or exc})"))
+    except OSError as exc:  # cannot open: a broken link, a link loop, permission, a directory
+        from pneumoloc.data.files import open_error_reason
+
+        return ReadResult(error=_display(open_error_reason(path, exc)))
     except Exception as exc:  # a reader bug must not lose the rest of the run
         logger.debug("unexpected error reading an input", exc_info=True)
         return ReadResult(error=_display(f"{type(exc).__name__}: {exc}"))
-    ids = dicom_identifiers(path) if keep_identifiers and image.source_format == "dicom" else None
-    return ReadResult(pixels=pixels, display=shown, original_shape=(h, w), identifiers=ids)
+    is_dicom = image.source_format == "dicom"
+    ids = dicom_identifiers(path) if keep_identifiers and is_dicom else None
+    tags = None
+    if check_tags and is_dicom:
+        from pneumoloc.inference.input_check import read_dicom_tags
+
+        tags = read_dicom_tags(path)
+    return ReadResult(
+        pixels=pixels, display=shown, original_shape=(h, w), identifiers=ids, tags=tags
+    )

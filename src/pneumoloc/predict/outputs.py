@@ -23,10 +23,12 @@ from pneumoloc.predict.inputs import InputFile, ReadResult
 
 if TYPE_CHECKING:
     from pneumoloc.inference import BasePredictor, Prediction
+    from pneumoloc.inference.input_check import InputCheckResult
 
 __all__ = [
     "STATUS_FAILED",
     "STATUS_OK",
+    "STATUS_REFUSED",
     "SUMMARY_COLUMNS",
     "SUMMARY_NAME",
     "PredictRow",
@@ -36,6 +38,7 @@ SUMMARY_NAME = "summary.csv"
 SUMMARY_COLUMNS = ("id", "source", "probability", "decision", "n_boxes", "status", "error")
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+STATUS_REFUSED = "refused"  # read, but not a frontal chest radiograph: no probability shown
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,9 @@ class PredictRow:
         probability: Of pneumonia (None when failed).
         decision: ``"pneumonia"`` or ``"no pneumonia"`` (None when failed).
         n_boxes: Boxes predicted (None when failed).
-        status: ``"ok"`` or ``"failed"``.
-        error: Why it failed, else "".
+        status: ``"ok"``, ``"failed"`` (unreadable) or ``"refused"`` (the input check says it
+            is not a frontal chest radiograph; no probability is given).
+        error: Why it failed or was refused, else "".
         json_path: The record written, if any.
         overlay_path: The overlay written, if any.
     """
@@ -146,14 +150,20 @@ def _write_outputs(
     read: ReadResult,
     predictor: BasePredictor,
     overlays: bool,
+    dicom_out: Path | None = None,
+    input_check: InputCheckResult | None = None,
 ) -> PredictRow:
-    """Write the JSON record (and overlay) of one prediction; return its summary row."""
+    """Write the JSON record (and overlay, and DICOM results into ``dicom_out`` for a DICOM
+    input) of one prediction; return its summary row. ``input_check`` (the image passed it)
+    goes into the record."""
     from pneumoloc.inference import prediction_record
     from pneumoloc.report.overlay import prediction_overlay
 
     record: dict[str, Any] = {"id": image_id, "source": item.source}
     record.update(prediction_record(prediction, predictor, image_id=image_id))
     record["backend"] = predictor.backend
+    if input_check is not None:
+        record["input_check"] = input_check.to_dict()
     if read.identifiers is not None:
         record["dicom_identifiers"] = read.identifiers
     try:
@@ -164,6 +174,12 @@ def _write_outputs(
         if overlays and read.display is not None:
             rgb = prediction_overlay(prediction, read.display, title=image_id)
             overlay_path = _write_inside(out, f"{image_id}.png", _png_bytes(rgb))
+        if dicom_out is not None:
+            from pneumoloc.predict.dicom_out import dicom_result_files
+
+            files = dicom_result_files(image_id, item.path, prediction, read.display, predictor)
+            for name, data in files:
+                _write_inside(dicom_out, name, data)
     except _UnsafeOutputError as exc:
         return PredictRow(image_id, item.source, status=STATUS_FAILED, error=str(exc))
     return PredictRow(
@@ -174,6 +190,44 @@ def _write_outputs(
         n_boxes=len(prediction.boxes),
         json_path=json_path,
         overlay_path=overlay_path,
+    )
+
+
+def _write_refused(
+    out: Path,
+    image_id: str,
+    item: InputFile,
+    verdict: InputCheckResult,
+    read: ReadResult,
+    predictor: BasePredictor,
+) -> PredictRow:
+    """The record of an image the input check refused: the reasons, and no probability, no
+    decision, no boxes and no overlay (nothing that could be read as a finding)."""
+    from pneumoloc import DISCLAIMER, __version__
+
+    record: dict[str, Any] = {
+        "id": image_id,
+        "source": item.source,
+        "status": STATUS_REFUSED,
+        "refused": verdict.reason,
+        "input_check": verdict.to_dict(),
+        "image_height": read.original_shape[0],
+        "image_width": read.original_shape[1],
+        "model_id": predictor.model_id,
+        "pneumoloc_version": __version__,
+        "backend": predictor.backend,
+        "disclaimer": DISCLAIMER,
+    }
+    if read.identifiers is not None:
+        record["dicom_identifiers"] = read.identifiers
+    try:
+        json_path = _write_inside(
+            out, f"{image_id}.json", (json.dumps(record, indent=2) + "\n").encode("utf-8")
+        )
+    except _UnsafeOutputError as exc:
+        return PredictRow(image_id, item.source, status=STATUS_FAILED, error=str(exc))
+    return PredictRow(
+        image_id, item.source, status=STATUS_REFUSED, error=verdict.reason, json_path=json_path
     )
 
 

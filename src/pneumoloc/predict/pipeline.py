@@ -20,16 +20,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pneumoloc.predict.inputs import InputFile, ReadResult, read_input
-from pneumoloc.predict.outputs import STATUS_FAILED, PredictRow, _write_outputs
+from pneumoloc.predict.outputs import STATUS_FAILED, PredictRow, _write_outputs, _write_refused
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
     from pneumoloc.inference import BasePredictor
+    from pneumoloc.inference.input_check import InputCheck
 
 logger = logging.getLogger("pneumoloc.predict")  # the name of the module before the split
 
-__all__ = ["predict_all"]
+__all__ = ["PredictInterrupted", "predict_all"]
+
+
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``rows`` holds the summary rows of the inputs finished so far
+    (None for the others), so the caller can write ``summary.csv`` before stopping."""
+
+    def __init__(self, rows: list[PredictRow | None]) -> None:
+        super().__init__()
+        self.rows = rows
+
 
 _T = TypeVar("_T")
 
@@ -99,10 +110,14 @@ class _Batcher:
         overlays: bool,
         batch_size: int,
         n_workers: int,
+        dicom_out: Path | None = None,
+        input_check: InputCheck | None = None,
     ) -> None:
         self._pool, self._bar, self._predictor = pool, bar, predictor
         self._files, self._ids, self._out, self._overlays = files, ids, out, overlays
         self._batch_size, self._n_workers = batch_size, n_workers
+        self._dicom_out = dicom_out
+        self._check = input_check
         self.rows: list[PredictRow | None] = [None] * len(files)
         self._batch: list[tuple[int, ReadResult]] = []
         self._writes: deque[tuple[int, Future[PredictRow]]] = deque()
@@ -126,6 +141,11 @@ class _Batcher:
     def close(self) -> None:
         """Run the last, partial batch and wait for every write."""
         self._flush()
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait for the writes already handed to the pool (the queued batch is dropped)."""
+        self._batch.clear()
         while self._writes:
             self._finish(self._writes.popleft())
 
@@ -138,8 +158,29 @@ class _Batcher:
             return
         batch = self._batch
         stack = np.stack([r.pixels for _, r in batch if r.pixels is not None])
-        preds = self._predictor.predict_arrays(stack, [r.original_shape for _, r in batch])
-        for (i, r), pred in zip(batch, preds, strict=True):
+        check = self._check
+        preds = self._predictor.predict_arrays(
+            stack, [r.original_shape for _, r in batch], with_features=check is not None
+        )
+        verdicts = (
+            check.check_batch(stack, [p.features for p in preds], [r.tags for _, r in batch])
+            if check is not None
+            else [None] * len(preds)
+        )
+        for (i, r), pred, verdict in zip(batch, preds, verdicts, strict=True):
+            if verdict is not None and not verdict.accepted:
+                logger.warning("%s: refused: %s", self._files[i].source, verdict.reason)
+                job = self._pool.submit(
+                    _write_refused,
+                    self._out,
+                    self._ids[i],
+                    self._files[i],
+                    verdict,
+                    r,
+                    self._predictor,
+                )
+                self._writes.append((i, job))
+                continue
             job = self._pool.submit(
                 _write_outputs,
                 self._out,
@@ -149,6 +190,8 @@ class _Batcher:
                 r,
                 self._predictor,
                 self._overlays,
+                self._dicom_out,
+                verdict,
             )
             self._writes.append((i, job))
             while len(self._writes) > 2 * max(self._n_workers, 1):
@@ -168,14 +211,26 @@ def predict_all(
     overlays: bool,
     keep_identifiers: bool,
     progress: bool,
+    dicom_out: Path | None = None,
+    input_check: InputCheck | None = None,
 ) -> list[PredictRow]:
-    """Decode, predict and write every input; its summary rows, in input order."""
+    """Decode, predict and write every input; its summary rows, in input order.
+
+    With ``dicom_out``, DICOM inputs also get an SR and a Secondary Capture there.
+    """
     from tqdm.auto import tqdm
 
     size = predictor.image_size
+    display = overlays or dicom_out is not None
 
     def read(item: InputFile) -> ReadResult:
-        return read_input(item.path, size, display=overlays, keep_identifiers=keep_identifiers)
+        return read_input(
+            item.path,
+            size,
+            display=display,
+            keep_identifiers=keep_identifiers,
+            check_tags=input_check is not None,
+        )
 
     pool: Executor = ThreadPoolExecutor(n_workers) if n_workers > 1 else _InlineExecutor()
     with (
@@ -193,9 +248,15 @@ def predict_all(
             overlays=overlays,
             batch_size=batch_size,
             n_workers=n_workers,
+            dicom_out=dicom_out,
+            input_check=input_check,
         )
         ahead = max(2 * batch_size, 2 * n_workers)
-        for i, decoded in enumerate(_ordered(pool, read, files, ahead)):
-            batcher.add(i, decoded)
-        batcher.close()
+        try:
+            for i, decoded in enumerate(_ordered(pool, read, files, ahead)):
+                batcher.add(i, decoded)
+            batcher.close()
+        except KeyboardInterrupt:
+            batcher.drain()  # records already being written are finished, then we stop
+            raise PredictInterrupted(batcher.rows) from None
     return [r for r in batcher.rows if r is not None]

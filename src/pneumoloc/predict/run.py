@@ -14,8 +14,15 @@ from pathlib import Path
 
 from pneumoloc.errors import ConfigError, DataError
 from pneumoloc.predict.inputs import assign_ids, collect_inputs
-from pneumoloc.predict.outputs import STATUS_OK, PredictRow, _write_summary
-from pneumoloc.predict.pipeline import predict_all
+from pneumoloc.predict.outputs import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_REFUSED,
+    PredictRow,
+    _write_summary,
+)
+from pneumoloc.predict.pipeline import PredictInterrupted, predict_all
+from pneumoloc.predict.runfolder import claim_output_folder, pending_row, pseudonymise
 
 logger = logging.getLogger("pneumoloc.predict")  # the name of the module before the split
 
@@ -44,18 +51,26 @@ class PredictRunResult:
 
     @property
     def n_failed(self) -> int:
-        """Inputs that could not be predicted."""
-        return sum(r.status != STATUS_OK for r in self.rows)
+        """Inputs that could not be read (or written)."""
+        return sum(r.status == STATUS_FAILED for r in self.rows)
+
+    @property
+    def n_refused(self) -> int:
+        """Inputs the input check refused (not frontal chest radiographs): no probability."""
+        return sum(r.status == STATUS_REFUSED for r in self.rows)
 
     @property
     def n_ok(self) -> int:
         """Inputs predicted."""
-        return len(self.rows) - self.n_failed
+        return sum(r.status == STATUS_OK for r in self.rows)
 
     @property
     def exit_code(self) -> int:
-        """0 when every input was predicted, 1 when any failed (the CLI's exit status)."""
-        return 1 if self.n_failed else 0
+        """The CLI's exit status: 0 when every input was predicted, 1 when any could not be
+        read, else 3 when any was refused by the input check."""
+        if self.n_failed:
+            return 1
+        return 3 if self.n_refused else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -86,6 +101,12 @@ def predict_paths(
     workers: int | None = None,
     threads: int | None = None,
     progress: bool = True,
+    dicom_out: str | Path | None = None,
+    input_check: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    pseudonymise_ids: bool = False,
+    pseudonym_key: str | None = None,
 ) -> PredictRunResult:
     """Predict every image of ``inputs``; write records, overlays and ``summary.csv`` to ``out``.
 
@@ -106,12 +127,29 @@ def predict_paths(
             after). 1 can be much faster on a machine busy with other work: PyTorch's OpenMP
             threads wait on each other, and one descheduled thread stalls every layer.
         progress: Show a progress bar.
+        dicom_out: Folder (created) for a DICOM SR and Secondary Capture per DICOM input
+            (``pneumoloc[pacs]``; see :mod:`pneumoloc.report.dicom`). These carry the
+            source's identifiers, on purpose.
+        input_check: Check each image is a frontal chest radiograph before any probability
+            is given (:mod:`pneumoloc.inference.input_check`); a refused image gets a
+            ``refused`` row and record with the reasons, and no probability.
+        resume: Continue an earlier run in ``out``: inputs whose records it finished are
+            skipped (see :mod:`pneumoloc.predict.runfolder`).
+        overwrite: Delete an earlier run's outputs in ``out`` first. Without ``resume`` or
+            ``overwrite``, an ``out`` holding an earlier run's outputs is refused.
+        pseudonymise_ids: Name outputs (ids, ``source``, overlay titles) by keyed pseudonyms
+            instead of the input file names.
+        pseudonym_key: The key of the pseudonyms (default: one kept in the output folder).
 
     Returns:
-        The rows of the summary (``exit_code`` is 1 when any input failed).
+        The rows of the summary (``exit_code`` is 1 when any input failed, 3 when any was
+        refused and none failed).
 
     Raises:
         DataError: An input does not exist, no image was found, or ``out`` is a file.
+        ConfigError: ``out`` holds an earlier run and neither ``resume`` nor ``overwrite``.
+        PredictInterrupted: Ctrl-C; ``summary.csv`` has been written (unfinished inputs
+            have status "interrupted"), and ``resume=True`` continues.
         ConfigError, CheckpointError: See :func:`pneumoloc.inference.load_predictor`.
     """
     from pneumoloc._runtime import available_cores
@@ -123,21 +161,54 @@ def predict_paths(
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
     batch_size = default_batch_size(backend, device) if batch_size is None else batch_size
+    if pseudonymise_ids:
+        files, ids = pseudonymise(files, out_dir, pseudonym_key)
+    else:
+        ids = assign_ids(files, out_dir)
     predictor = load_predictor(
         model, backend, device=device, cam_method=cam_method, batch_size=batch_size, threads=threads
     )
-    rows = predict_all(
-        predictor,
-        files,
-        assign_ids(files, out_dir),
-        out_dir,
-        batch_size=batch_size,
-        n_workers=workers if workers is not None else available_cores(),
-        torch_threads=threads if backend == "torch" else None,
-        overlays=overlays,
-        keep_identifiers=keep_identifiers,
-        progress=progress,
-    )
+    claim = claim_output_folder(out_dir, ids, files, resume=resume, overwrite=overwrite)
+    checker = None
+    if input_check:
+        from pneumoloc.inference.input_check import InputCheck
+
+        checker = InputCheck.for_predictor(predictor)
+        logger.info("input check: %s", checker.mode)
+    todo = [i for i, image_id in enumerate(ids) if image_id not in claim.finished]
+    all_rows: list[PredictRow | None] = [claim.finished.get(image_id) for image_id in ids]
+    try:
+        new_rows: list[PredictRow | None] = list(
+            predict_all(
+                predictor,
+                [files[i] for i in todo],
+                [ids[i] for i in todo],
+                out_dir,
+                batch_size=batch_size,
+                n_workers=workers if workers is not None else available_cores(),
+                torch_threads=threads if backend == "torch" else None,
+                overlays=overlays,
+                keep_identifiers=keep_identifiers,
+                progress=progress,
+                dicom_out=_output_folder(dicom_out) if dicom_out is not None else None,
+                input_check=checker,
+            )
+        )
+    except PredictInterrupted as stop:
+        for i, row in zip(todo, stop.rows, strict=True):
+            all_rows[i] = row
+        pending = [row or pending_row(ids[i], files[i].source) for i, row in enumerate(all_rows)]
+        summary = _write_summary(out_dir, pending)
+        logger.warning(
+            "interrupted: %d of %d input(s) done; %s written; continue with --resume",
+            sum(r is not None for r in all_rows),
+            len(ids),
+            summary,
+        )
+        raise
+    for i, row in zip(todo, new_rows, strict=True):
+        all_rows[i] = row
+    rows = [r for r in all_rows if r is not None]
     summary = _write_summary(out_dir, rows)
     result = PredictRunResult(
         out=out_dir,
@@ -150,5 +221,13 @@ def predict_paths(
     if result.n_failed:
         logger.warning(
             "%d of %d inputs could not be read; see %s", result.n_failed, len(rows), summary
+        )
+    if result.n_refused:
+        logger.warning(
+            "%d of %d inputs were refused by the input check (not frontal chest radiographs, "
+            "no probability given); see %s",
+            result.n_refused,
+            len(rows),
+            summary,
         )
     return result

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pneumoloc import DISCLAIMER
+from pneumoloc.report.subgroups import subgroups_table
 
 __all__ = ["GalleryItem", "render_html", "write_report"]
 
@@ -293,6 +294,8 @@ def render_html(
         _classification(metrics.get("classification", {})),
         "<h3>By view position and by patient</h3>",
         _subgroups(metrics.get("classification", {})),
+        "<h3>By subgroup: view position, sex, age band</h3>",
+        subgroups_table(metrics.get("subgroups")),
         "<h2>Localisation (boxes)</h2>",
         _localisation(metrics.get("localisation"), metrics.get("localisation_unavailable")),
     ]

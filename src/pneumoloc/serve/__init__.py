@@ -7,12 +7,21 @@ for the endpoints, status codes and safety rules.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pneumoloc.errors import ConfigError
 from pneumoloc.serve.app import create_app
 from pneumoloc.serve.schemas import LIMITS_TEXT
-from pneumoloc.serve.settings import TOKEN_ENV, ServeSettings, is_loopback, resolve_token
+from pneumoloc.serve.settings import (
+    TOKEN_ENV,
+    ServeSettings,
+    is_loopback,
+    read_token_file,
+    resolve_token,
+)
 
 __all__ = [
     "LIMITS_TEXT",
@@ -20,6 +29,7 @@ __all__ = [
     "ServeSettings",
     "create_app",
     "is_loopback",
+    "read_token_file",
     "resolve_token",
     "run_server",
 ]
@@ -33,9 +43,12 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
+    token_file: str | Path | None = None,
+    allowed_hosts: Sequence[str] = (),
     max_upload_mb: float = 32.0,
     cam_method: str | None = None,
     device: str = "auto",
+    input_check: bool = True,
 ) -> None:
     """Load the model once and serve the page and API with uvicorn until interrupted.
 
@@ -43,34 +56,48 @@ def run_server(
         model: Checkpoint path, or "default"/None for the model shipped with pneumoloc.
         host: Address to bind; anything but loopback needs a token.
         port: TCP port.
-        token: Access token; default: the ``PNEUMOLOC_TOKEN`` environment variable.
-        max_upload_mb: Largest accepted upload, in MiB.
+        token: Access token (prefer ``token_file`` or the environment: a command line is
+            visible to every user in ``ps``).
+        token_file: A file whose first line is the access token.
+        allowed_hosts: Host header names accepted besides loopback names and the bind
+            address (``"*"``: any, with a token only).
+        max_upload_mb: Largest accepted upload, in MiB; must be positive.
         cam_method: Heatmap method; None: the checkpoint's.
         device: "auto", "cpu" or "cuda".
+        input_check: Refuse uploads that are not frontal chest radiographs (422 with the
+            reason, no probability); see :mod:`pneumoloc.inference.input_check`.
 
     Raises:
-        ConfigError: Non-loopback host without a token, or invalid limits (checked before the
-            model is loaded).
+        ConfigError: Non-loopback host without a token, an unusable token file, or invalid
+            limits (checked before the model is loaded).
         CheckpointError: The checkpoint cannot be loaded.
     """
     import uvicorn
 
     from pneumoloc.inference import Predictor
 
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise ConfigError(
+            f"--max-upload-mb must be a positive number of MiB, got {max_upload_mb:g} "
+            "(every upload would be refused)"
+        )
     settings = ServeSettings(
         host=host,
-        token=resolve_token(token),
+        token=resolve_token(token, token_file),
         max_upload_bytes=max(1, int(max_upload_mb * 1024 * 1024)),
+        allowed_hosts=tuple(allowed_hosts),
+        input_check=input_check,
     )
     kwargs: dict[str, Any] = {"cam_method": cam_method} if cam_method else {}
     predictor = Predictor.from_checkpoint(model, device=device, **kwargs)
     app = create_app(predictor, settings)
     shown = f"[{host}]" if ":" in host else host
     logger.info(
-        "serving %s on http://%s:%d/ (token %s)",
+        "serving %s on http://%s:%d/ (token %s; Host names accepted: %s)",
         predictor.model_id,
         shown,
         port,
         "required" if settings.token else "not required",
+        ", ".join(sorted(settings.host_names)),
     )
     uvicorn.run(app, host=host, port=port, workers=1, log_level="info", server_header=False)

@@ -14,14 +14,25 @@ Endpoints:
 
 Safety:
 
+* Every request must name this server in its ``Host`` header: loopback names (localhost,
+  127.0.0.1, ::1), the bind address, and the names given with ``--allowed-host``; any other
+  Host is answered 421 before routing, so a DNS-rebinding page (whose requests carry its own
+  host name) cannot reach the API even on loopback without a token.
 * Binding to anything but a loopback address needs a token; with a token every ``/api/*``
   request but ``/api/health`` needs ``Authorization: Bearer <token>`` (compared in constant
-  time), else 401.
+  time), else 401. The token comes from ``PNEUMOLOC_TOKEN`` or ``--token-file`` (``--token``
+  is deprecated: command lines are visible to every user in ``ps``).
+* No answer carries an absolute server path: the checkpoint and the training data's source
+  are given by their file names.
 * The upload is read from the request stream into memory and refused with 413 as soon as it
   passes the limit (``Content-Length`` is checked first but not trusted). Nothing is written to
-  disk. Declared image dimensions are checked before decoding (413 when absurd).
+  disk. Declared image dimensions are checked before decoding (413 when absurd), and
+  compressed data (deflated DICOMs, compressed frames) is never expanded past them. At most
+  ``ServeSettings.max_concurrent_uploads`` uploads are held at once (the others wait), so the
+  memory of hostile uploads cannot add up.
 * Error statuses (JSON ``{"error": code, "detail": message}``): 400 empty upload, missing
-  ``file`` field or malformed multipart body; 401 missing or wrong token; 413 upload over the
+  ``file`` field or malformed multipart body; 401 missing or wrong token; 421 a Host header
+  that does not name this server; 413 upload over the
   size limit or declared dimensions over ``max_pixels``; 415 request not multipart, or a file
   that is neither DICOM, PNG nor JPEG; 422 a DICOM without pixel data, an unsupported image
   (colour or multi-frame DICOM, odd bit depth, unknown transfer syntax) or a truncated/corrupt
@@ -51,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from pneumoloc import DISCLAIMER, __version__
@@ -67,7 +78,13 @@ from pneumoloc.serve.schemas import (
     ModelCard,
     PredictResponse,
 )
-from pneumoloc.serve.settings import TOKEN_ENV, ServeSettings, is_loopback, resolve_token
+from pneumoloc.serve.settings import (
+    TOKEN_ENV,
+    ServeSettings,
+    host_allowed,
+    is_loopback,
+    resolve_token,
+)
 from pneumoloc.serve.uploads import read_upload, upload_name
 
 __all__ = [
@@ -119,6 +136,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     )
     app.state.engine = engine
     app.exception_handler(ApiError)(api_error_response)
+    # The last middleware added runs first: the security headers wrap the Host check's 421.
+    app.middleware("http")(_host_check(settings.host_names))
     app.middleware("http")(_security_headers)
     auth = [Depends(_token_check(settings.token))]
     _add_api_routes(app, engine, auth)
@@ -158,6 +177,29 @@ def _token_check(token: str | None) -> Callable[[Request], Awaitable[None]]:
             raise ApiError(401, "unauthorized", "this server needs its access token (Bearer)")
 
     return require_token
+
+
+def _host_check(
+    names: frozenset[str],
+) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    """Middleware answering 421 to a request whose Host header does not name this server."""
+
+    async def check_host(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if host_allowed(request.headers.get("host"), names):
+            return await call_next(request)
+        logger.info("refused a request for another host (421)")
+        return JSONResponse(
+            {
+                "error": "host_not_allowed",
+                "detail": "the Host header does not name this server; start it with "
+                "--allowed-host NAME to accept requests addressed to NAME",
+            },
+            status_code=421,
+        )
+
+    return check_host
 
 
 async def _security_headers(
@@ -221,25 +263,31 @@ async def _predict(engine: Engine, request: Request, images: bool) -> dict[str, 
     """Read, check and process one upload; log it by its request number only."""
     number = next(engine.counter)
     started = time.perf_counter()
-    data, filename = await read_upload(request, engine.settings.max_upload_bytes)
-    if not data:
-        raise ApiError(400, "empty_file", "the uploaded file is empty")
-    name = upload_name(filename)
-    loop = asyncio.get_running_loop()
-    try:
-        record = await loop.run_in_executor(engine.executor, engine.process, data, name, images)
-    except ImageReadError as exc:
-        error = api_error_from_read(exc)
-        logger.info("upload #%d refused: %s (%d bytes)", number, error.code, len(data))
-        raise error from None
-    except Exception:
-        logger.exception("upload #%d: unexpected failure", number)
-        raise ApiError(500, "internal_error", "the server failed to process this image") from None
+    async with engine.uploads:  # bounds the uploads held in memory at once
+        data, filename = await read_upload(request, engine.settings.max_upload_bytes)
+        if not data:
+            raise ApiError(400, "empty_file", "the uploaded file is empty")
+        name = upload_name(filename)
+        size = len(data)
+        loop = asyncio.get_running_loop()
+        try:
+            record = await loop.run_in_executor(engine.executor, engine.process, data, name, images)
+        except ImageReadError as exc:
+            error = api_error_from_read(exc)
+            logger.info("upload #%d refused: %s (%d bytes)", number, error.code, size)
+            raise error from None
+        except Exception:
+            logger.exception("upload #%d: unexpected failure", number)
+            raise ApiError(
+                500, "internal_error", "the server failed to process this image"
+            ) from None
+        finally:
+            del data  # a refused upload is not kept alive by the traceback
     logger.info(
         "upload #%d: %s, %d bytes, p=%.3f, %d box(es), %.0f ms",
         number,
         record["input"]["format"],
-        len(data),
+        size,
         record["probability"],
         len(record["boxes"]),
         1000 * (time.perf_counter() - started),

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import itertools
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from pneumoloc import DISCLAIMER
+from pneumoloc.errors import NotAChestRadiographError
 from pneumoloc.inference import Prediction, Predictor, prediction_record
+from pneumoloc.inference.input_check import InputCheck, read_dicom_tags
 from pneumoloc.io import read_xray_bytes
+from pneumoloc.io.preprocess import resize_square
 from pneumoloc.serve.schemas import LIMITS_TEXT
 from pneumoloc.serve.settings import ServeSettings
 
-__all__ = ["Engine", "build_model_card"]
+__all__ = ["Engine", "build_model_card", "public_describe", "without_server_paths"]
 
 _HEATMAP_CMAP = "inferno"  # the colour map of every pneumoloc overlay (report/overlay.py)
 
@@ -54,23 +60,33 @@ def _display_xray(pixels: np.ndarray, size: int) -> Image.Image:
 
 @dataclass
 class Engine:
-    """The one model instance and what serialises its use."""
+    """The one model instance and what serialises its use.
+
+    ``uploads`` bounds the uploads held in memory at once (read, queued or decoding) to
+    ``settings.max_concurrent_uploads``, so concurrent hostile uploads cannot add up; at most
+    ``settings.workers`` of them decode at the same time.
+    """
 
     predictor: Predictor
     settings: ServeSettings
     lock: threading.Lock
     executor: ThreadPoolExecutor
     counter: itertools.count[int]
+    uploads: asyncio.Semaphore
+    input_check: InputCheck | None = None
 
     @classmethod
     def start(cls, predictor: Predictor, settings: ServeSettings) -> Engine:
-        """An engine with its lock, its pool of ``settings.workers`` threads and its counter."""
+        """An engine with its lock, its pool of ``settings.workers`` threads, its upload
+        semaphore and its counter."""
         return cls(
             predictor=predictor,
             settings=settings,
             lock=threading.Lock(),
             executor=ThreadPoolExecutor(settings.workers, thread_name_prefix="pneumoloc-serve"),
             counter=itertools.count(1),
+            uploads=asyncio.Semaphore(settings.max_concurrent_uploads),
+            input_check=InputCheck.for_predictor(predictor) if settings.input_check else None,
         )
 
     def process(self, data: bytes, name: str, want_images: bool) -> dict[str, Any]:
@@ -78,8 +94,17 @@ class Engine:
         xray = read_xray_bytes(
             data, name, min_size=self.predictor.image_size, max_pixels=self.settings.max_pixels
         )
+        check = self.input_check
         with self.lock:
-            prediction: Prediction = self.predictor.predict_xrays([xray])[0]
+            prediction: Prediction = self.predictor.predict_xrays(
+                [xray], with_features=check is not None
+            )[0]
+        if check is not None:  # refused: a reason (422), never a probability
+            tags = read_dicom_tags(data) if xray.source_format == "dicom" else None
+            pixels = resize_square(xray.pixels, self.predictor.image_size)
+            verdict = check.check(pixels, features=prediction.features, tags=tags)
+            if not verdict.accepted:
+                raise NotAChestRadiographError(name, verdict.reason)
         record = prediction_record(prediction, self.predictor, image_id=name)
         record["limits"] = LIMITS_TEXT
         record["input"] = {
@@ -87,7 +112,7 @@ class Engine:
             "view_position": xray.view_position,
             "bytes": len(data),
         }
-        record["model"] = self.predictor.describe()
+        record["model"] = public_describe(self.predictor)
         if want_images:
             pixels = xray.pixels
             wanted = min(self.settings.display_size, *xray.original_shape)
@@ -120,13 +145,50 @@ def _scalar_metrics(metrics: Any) -> dict[str, dict[str, float | int | str | Non
     return out
 
 
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+
+
+def _is_absolute_path(text: str) -> bool:
+    return text.startswith(("/", "~")) or bool(_WINDOWS_ABSOLUTE.match(text))
+
+
+def without_server_paths(value: Any) -> Any:
+    """``value`` with every absolute path (POSIX, ``~`` or Windows) cut to its last part.
+
+    The server's folders (where the checkpoint or the training data lie, the user's name in
+    a home folder) are nobody's business but the server's; the file name is kept because it
+    tells models apart.
+    """
+    if isinstance(value, str):
+        if not _is_absolute_path(value):
+            return value
+        if "\\" in value and "/" not in value:
+            return PureWindowsPath(value).name or value
+        return PurePosixPath(value).name
+    if isinstance(value, dict):
+        return {key: without_server_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_server_paths(item) for item in value]
+    return value
+
+
+def public_describe(predictor: Predictor) -> dict[str, Any]:
+    """``predictor.describe()`` without server paths: the checkpoint by its file name."""
+    described: dict[str, Any] = without_server_paths(predictor.describe())
+    return described
+
+
 def build_model_card(predictor: Predictor) -> dict[str, Any]:
-    """``GET /api/model``: ``predictor.describe()`` plus the key facts stored in the checkpoint."""
+    """``GET /api/model``: ``predictor.describe()`` plus the key facts stored in the checkpoint.
+
+    No absolute server path appears: the checkpoint and the training data's source are given
+    by their last path component (the data set is identified by its fingerprint).
+    """
     meta = predictor.meta
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     labels = meta.get("label_names")
     epoch = meta.get("epoch")
-    return {
+    card = {
         **predictor.describe(),
         "metrics": _scalar_metrics(meta.get("metrics")),
         "data": {k: v for k, v in (data or {}).items() if isinstance(v, int | float | str)},
@@ -135,3 +197,5 @@ def build_model_card(predictor: Predictor) -> dict[str, Any]:
         "disclaimer": DISCLAIMER,
         "limits": LIMITS_TEXT,
     }
+    scrubbed: dict[str, Any] = without_server_paths(card)
+    return scrubbed

@@ -9,6 +9,7 @@ from pneumoloc.errors import (
     ImageReadError,
     ImageTooLargeError,
     NoPixelDataError,
+    NotAChestRadiographError,
     NotAnImageError,
     TruncatedImageError,
     UnsupportedImageError,
@@ -34,6 +35,7 @@ _READ_ERRORS: tuple[tuple[type[ImageReadError], int, str], ...] = (
     (NoPixelDataError, 422, "no_pixel_data"),
     (UnsupportedImageError, 422, "unsupported_image"),
     (TruncatedImageError, 422, "truncated_image"),
+    (NotAChestRadiographError, 422, "not_a_chest_radiograph"),
 )
 
 

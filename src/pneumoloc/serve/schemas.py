@@ -65,7 +65,9 @@ class ModelInfo(BaseModel):
     cam_method: str
     tta: bool
     box_config: dict[str, Any]
-    checkpoint: str | None = None
+    checkpoint: str | None = Field(
+        default=None, description="The checkpoint's file name (never a path on the server)."
+    )
 
 
 class ModelCard(ModelInfo):
@@ -75,7 +77,9 @@ class ModelCard(ModelInfo):
         default_factory=dict, description="Scalar metrics per split, as stored at training time."
     )
     data: dict[str, Any] = Field(
-        default_factory=dict, description="The training data: fingerprint, kind, sizes."
+        default_factory=dict,
+        description="The training data: fingerprint, kind, sizes; a source by its last path "
+        "component only.",
     )
     epoch: int | None = None
     label_names: list[str] | None = None

@@ -35,10 +35,19 @@ def rng_states(device: torch.device, aug: torch.Generator | None) -> dict[str, A
 
 
 def training_snapshot(
-    state: TrainState, epoch: int, step: int, rngs: dict[str, Any]
+    state: TrainState,
+    epoch: int,
+    step: int,
+    rngs: dict[str, Any],
+    *,
+    epoch_seen: int = 0,
+    epoch_loss_sum: float = 0.0,
 ) -> dict[str, Any]:
-    """The ``training_state`` of a checkpoint that resumes at ``epoch``, ``step``."""
+    """The ``training_state`` of a checkpoint that resumes at ``epoch``, ``step``; mid-epoch,
+    with the images seen and the loss summed over that epoch's completed steps."""
     return {
+        "epoch_seen": epoch_seen,
+        "epoch_loss_sum": epoch_loss_sum,
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
@@ -123,3 +132,9 @@ def restore_training_state(state: TrainState, path: str | Path) -> None:
     state.stale = int(ts["stale"])
     state.history = list(ts["history"])
     state.aug_state = ts.get("aug_rng")
+    if state.start_step == 0:
+        state.resumed_loss = (0, 0.0)
+    elif "epoch_loss_sum" in ts:  # written by pneumoloc >= this change
+        state.resumed_loss = (int(ts["epoch_seen"]), float(ts["epoch_loss_sum"]))
+    else:
+        state.resumed_loss = None

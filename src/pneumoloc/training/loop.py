@@ -163,11 +163,18 @@ def epoch_generator(
 
 @dataclass(frozen=True)
 class EpochStats:
-    """What one epoch of training measured on this rank."""
+    """What one epoch of training measured on this rank.
+
+    ``seen`` and ``loss_sum`` cover every step of the epoch, those done before an interruption
+    included; ``partial`` is True when a resumed epoch's earlier steps are unknown (a checkpoint
+    that did not record them), so the loss covers the steps after the restart only.
+    """
 
     seen: int
     loss_sum: float
     elapsed: float
+    partial: bool = False
+    timed: int | None = None  # images processed in ``elapsed`` (default: ``seen``)
 
     @property
     def train_loss(self) -> float:
@@ -176,7 +183,8 @@ class EpochStats:
 
     def images_per_s(self, world_size: int) -> float | None:
         """Throughput of all ranks together (None when no time was measured)."""
-        return self.seen * world_size / self.elapsed if self.elapsed > 0 else None
+        timed = self.seen if self.timed is None else self.timed
+        return timed * world_size / self.elapsed if self.elapsed > 0 else None
 
 
 def train_epoch(
@@ -199,8 +207,14 @@ def train_epoch(
     positions = batches.epoch_positions(epoch)
     first = state.start_step if epoch == state.start_epoch else 0
     generator = epoch_generator(config, ctx, state, epoch, first)
-    state.resume_point = ResumePoint(epoch, first, rng_states(state.device, generator))
-    seen, loss_sum, started = 0, 0.0, time.perf_counter()
+    seen, loss_sum, partial = 0, 0.0, False
+    if first:  # a resumed epoch: count the steps done before the interruption too
+        partial = state.resumed_loss is None
+        seen, loss_sum = state.resumed_loss or (0, 0.0)
+    state.resume_point = ResumePoint(
+        epoch, first, rng_states(state.device, generator), seen, loss_sum
+    )
+    seen_before, started = seen, time.perf_counter()
     bar = tqdm(
         total=batches.steps_per_epoch,
         initial=first,
@@ -211,7 +225,6 @@ def train_epoch(
     for step in range(first, batches.steps_per_epoch):
         batch_pos, images, targets = batches.batch(positions, step, state.device)
         loss = train_step(state, images, targets, config, generator, pos_weight)
-        state.resume_point = ResumePoint(epoch, step + 1, rng_states(state.device, generator))
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -219,9 +232,18 @@ def train_epoch(
             )
         seen += len(batch_pos)
         loss_sum += loss_value * len(batch_pos)
+        state.resume_point = ResumePoint(
+            epoch, step + 1, rng_states(state.device, generator), seen, loss_sum
+        )
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
         if step_callback is not None:
             step_callback(epoch, step)
     bar.close()
-    return EpochStats(seen=seen, loss_sum=loss_sum, elapsed=time.perf_counter() - started)
+    return EpochStats(
+        seen=seen,
+        loss_sum=loss_sum,
+        elapsed=time.perf_counter() - started,
+        partial=partial,
+        timed=seen - seen_before,
+    )
