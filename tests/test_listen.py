@@ -311,3 +311,49 @@ def test_wrong_called_ae_title_is_rejected() -> None:
         assoc.release()
     finally:
         listener.stop(drain_seconds=1)
+
+
+@dataclass(kw_only=True)
+class FeaturePredictor(BrightnessPredictor):
+    """The stand-in model with pooled features: 4 numbers per image (its mean brightness)."""
+
+    def network_with_features(
+        self, images: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        probs, maps, pixels = self.network(images)
+        return probs, maps, pixels, np.repeat(probs[:, None], 4, axis=1).astype(np.float32)
+
+
+def test_worker_applies_the_feature_check_and_sends_nothing_for_a_refused_image(
+    tmp_path: Path,
+) -> None:
+    """The handler checks tags and statistics before answering; the feature distance needs
+    the forward pass, so the worker applies it: a refused image gets no SR, no SC."""
+    from pneumoloc.inference.input_check import InputCheck
+    from pneumoloc.inference.ood import fit_ood_model
+    from pneumoloc.io.preprocess import resize_square
+    from pneumoloc.listen.handler import Job
+    from pneumoloc.listen.worker import AnalysisWorker
+
+    rng = np.random.default_rng(0)
+    source = xray()
+    data = file_bytes(source)
+    pixels = resize_square(_read(source).pixels, 32)
+
+    def job(number: int) -> Job:
+        return Job(number=number, data=data, pixels=pixels, original_shape=(64, 48), header=source)
+
+    config = ListenConfig(port=0, dicom_out=tmp_path / "copies")
+    predictor = FeaturePredictor(meta=dict(fake_predictor().meta), batch_size=1)
+    worker = AnalysisWorker(queue.Queue(), predictor, config)
+    assert worker.check is None  # a model without feature statistics: nothing more to check
+    near = rng.normal(0.0, 1.0, (300, 4)) * 0.05 + pixels.mean() / 255.0
+    far = rng.normal(0.0, 1.0, (300, 4)) * 0.05 + 5.0
+    for number, real in ((1, near), (2, far)):
+        worker.check = InputCheck(
+            layout=None, ood=fit_ood_model({"a": (real[:200], real[200:])}, weights_sha256="x")
+        )
+        worker.process(job(number))
+    written = sorted(p.name for p in (tmp_path / "copies").iterdir())
+    assert written == ["000001.sc.dcm", "000001.sr.dcm"]  # nothing for the refused #2
+    assert worker.counts["analysed"] == 1 and worker.counts["refused"] == 1

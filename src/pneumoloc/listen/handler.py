@@ -68,7 +68,8 @@ def input_check(pixels: np.ndarray, data: bytes) -> str | None:
         The reason to refuse the image (answered 0xC002), or None to analyse it. The DICOM
         tags and the image statistics are checked here; the distance of the network's features
         to real films' (when the model has such statistics) needs the model's forward pass,
-        which runs after the answer, and is not applied by the listener in this version.
+        which runs after the answer: the worker applies it and sends no result for an image
+        it refuses (:class:`pneumoloc.listen.worker.AnalysisWorker`).
     """
     from pneumoloc.inference.input_check import InputCheck, read_dicom_tags
 

@@ -58,7 +58,8 @@ class AnalysisWorker(threading.Thread):
     """Takes jobs from ``jobs`` until :meth:`stop`; the queue is drained first.
 
     Attributes:
-        counts: "analysed", "sent", "send_failed", "analysis_failed", "written".
+        counts: "analysed", "refused" (by the feature part of the input check), "sent",
+            "send_failed", "analysis_failed", "written".
     """
 
     def __init__(
@@ -71,6 +72,14 @@ class AnalysisWorker(threading.Thread):
         self.predictor = predictor
         self.config = config
         self.model = ModelInfo.from_predictor(predictor)
+        # The feature part of predict's input check (the handler checked the tags and the
+        # image statistics before answering): it needs the forward pass, so it runs here; a
+        # refused image gets no result, so no probability reaches the PACS.
+        from pneumoloc.inference.input_check import InputCheck
+
+        self.check: InputCheck | None = InputCheck.for_predictor(predictor)
+        if self.check.ood is None:
+            self.check = None  # nothing beyond what the handler already checked
         self.counts: Counter[str] = Counter()
         self._stopping = threading.Event()
         self._deadline: float | None = None
@@ -105,7 +114,23 @@ class AnalysisWorker(threading.Thread):
 
         started = time.perf_counter()
         try:
-            prediction = self.predictor.predict_arrays(job.pixels[None], [job.original_shape])[0]
+            prediction = self.predictor.predict_arrays(
+                job.pixels[None], [job.original_shape], with_features=self.check is not None
+            )[0]
+            if self.check is not None:
+                from pneumoloc.inference.input_check import read_dicom_tags
+
+                verdict = self.check.check(
+                    job.pixels, features=prediction.features, tags=read_dicom_tags(job.data)
+                )
+                if not verdict.accepted:
+                    self.counts["refused"] += 1
+                    logger.warning(
+                        "#%d: refused by the input check after analysis, no result sent: %s",
+                        job.number,
+                        verdict.reason,
+                    )
+                    return
             display = display_pixels(job.data, job.number, job.pixels)
             results = dicom_results(job.header, prediction, display, self.model)
         except Exception as exc:
