@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The shipped model's ONNX twin: `predict`, `serve` and `listen` run it with ONNX Runtime on a
+# CPU (no torch import; docs/benchmarks.md). Made from weights/default.pt, never committed.
+ONNX := src/pneumoloc/weights/default.onnx
 LINT_PATHS := src tests benchmarks tools
 
 .PHONY: demo test lint install clean
@@ -14,9 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[serve,onnx,pretrained,dev,pacs]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(ONNX): $(STAMP) src/pneumoloc/weights/default.pt
+	$(BIN)/pneumoloc export default --onnx $(ONNX)
 
-demo: $(STAMP)
+install: $(STAMP) $(ONNX)
+
+demo: $(STAMP) $(ONNX)
 	$(BIN)/pneumoloc demo
 
 lint: $(STAMP)
@@ -24,8 +30,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
-test: lint
+test: lint $(ONNX)
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache $(ONNX)

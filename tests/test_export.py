@@ -14,6 +14,7 @@ from conftest import save_untrained_checkpoint
 from pneumoloc.cli import main
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.export import (
+    FEATURES_NAME,
     INPUT_NAME,
     META_KEYS,
     OUTPUT_NAMES,
@@ -98,7 +99,7 @@ def test_onnx_file_describes_itself(exported: tuple) -> None:
     proto = onnx.load(str(result.path))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert [i.name for i in proto.graph.input] == [INPUT_NAME]
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    assert [o.name for o in proto.graph.output] == [*OUTPUT_NAMES, FEATURES_NAME]
     shape = proto.graph.input[0].type.tensor_type.shape.dim
     assert shape[0].dim_param and not shape[0].dim_value  # dynamic batch axis
     assert [d.dim_value for d in shape[1:]] == [1, SIZE, SIZE]
@@ -196,7 +197,8 @@ def test_cli_export_then_predict_onnx_agrees_with_torch(tmp_path: Path) -> None:
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(ckpt), "--onnx", str(onnx_path)]) == 0
     common = [str(folder), "--quiet", "--no-overlay", "--no-input-check"]
-    assert main(["predict", *common, "--model", str(ckpt), "--out", str(tmp_path / "t")]) == 0
+    torch_args = ["--backend", "torch", "--model", str(ckpt), "--out", str(tmp_path / "t")]
+    assert main(["predict", *common, *torch_args]) == 0
     onnx_args = ["--backend", "onnx", "--model", str(onnx_path), "--out", str(tmp_path / "o")]
     assert main(["predict", *common, *onnx_args]) == 0
     decisions = set()
@@ -212,3 +214,36 @@ def test_cli_export_then_predict_onnx_agrees_with_torch(tmp_path: Path) -> None:
         if len(bt):
             assert np.diag(iou_matrix(bt, bo)).min() > 0.95
     assert decisions == {"pneumonia", "no pneumonia"}
+
+
+def test_onnx_features_match_the_torch_backend(exported: tuple) -> None:
+    """The graph's third output is the input check's features, as the torch backend pools
+    them, and the file names the weights they belong to (so the same statistics apply)."""
+    _, ckpt, result = exported
+    torch_pred = Predictor.from_checkpoint(ckpt, device="cpu")
+    onnx_pred = OnnxPredictor.from_onnx(result.path)
+    x = images(3, seed=5)
+    f_t = torch_pred.network_with_features(x)[3]
+    f_o = onnx_pred.network_with_features(x)[3]
+    assert f_t is not None and f_o is not None and f_o.shape == f_t.shape
+    assert np.abs(f_o - f_t).max() <= 1e-4 * max(1.0, float(np.abs(f_t).max()))
+    assert onnx_pred.weights_sha256 == torch_pred.weights_sha256 != ""
+
+
+def test_auto_backend_runs_the_onnx_twin_only_while_the_checkpoint_is_unchanged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pneumoloc.inference.loading import file_sha256, load_predictor
+
+    ckpt = save_model(tmp_path / "m.pt", "smallcamnet")
+    assert load_predictor(ckpt, "auto", device="cpu").backend == "torch"  # no twin yet
+    export_onnx(ckpt, tmp_path / "m.onnx")
+    auto = load_predictor(ckpt, "auto", device="cpu")
+    assert auto.backend == "onnx" and auto.meta["checkpoint_sha256"] == file_sha256(ckpt)
+    # On the GPU, or for a heatmap method the graph lacks, PyTorch runs it.
+    assert load_predictor(ckpt, "auto", device="cpu", cam_method="gradcam").backend == "torch"
+    # The checkpoint is retrained (other bytes): its stale twin is not used.
+    save_model(ckpt, "smallcamnet", seed=1)
+    with caplog.at_level("WARNING"):
+        again = load_predictor(ckpt, "auto", device="cpu")
+    assert again.backend == "torch" and "was not exported from" in caplog.text

@@ -162,10 +162,10 @@ def test_ood_statistics_round_trip_and_refuse_far_features(tmp_path: Path) -> No
         {"a": (real[:200], real[200:]), "b": (real[:200] + 5, real[200:] + 5)},
         weights_sha256="abc",
     )
-    path = model.save(tmp_path / "m.ood.pt")
-    import torch
+    path = model.save(tmp_path / "m.ood.safetensors")
+    from pneumoloc.io.payload import load_payload
 
-    again = OodModel.from_payload(torch.load(path, weights_only=True))
+    again = OodModel.from_payload(load_payload(path))
     far = rng.normal(0, 1, (10, 20)) + 20
     assert (again.score(real[200:]) <= 1.0).mean() > 0.95
     assert (again.score(real[200:] + 5) <= 1.0).mean() > 0.95  # the second source

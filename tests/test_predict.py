@@ -219,10 +219,50 @@ def test_missing_default_model_is_a_clear_error(
         load_predictor("default", "onnx")
 
 
-def test_default_batch_size_is_one_on_the_cpu() -> None:
-    assert default_batch_size("onnx", "auto") == default_batch_size("torch", "cpu") == 1
-    assert default_batch_size("torch", "cuda") == 8
-    assert default_batch_size("torch", "auto") == (8 if torch.cuda.is_available() else 1)
+def test_default_batch_size_batches_on_the_cpu_too() -> None:
+    # Batching pays on the CPU for the default model (benchmarks/bench_clinician.py,
+    # docs/benchmarks.md); the next test checks it changes no output.
+    assert default_batch_size("onnx", "auto") == default_batch_size("torch", "cpu") == 8
+    assert default_batch_size("torch", "cuda") == default_batch_size("torch", "auto") == 8
+
+
+def _records(out: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_batched_predictions_equal_one_at_a_time(
+    mixed: Path, checkpoint: Path, tmp_path: Path, backend: str
+) -> None:
+    """Batch 8 and batch 1 give the same records: identical with ONNX Runtime (its kernels do
+    not depend on the batch); with PyTorch the convolutions block differently by batch, so
+    probabilities agree to float32 rounding (<= 1e-6) and decisions and boxes are the same."""
+    from pneumoloc.export import export_onnx
+
+    model = checkpoint
+    if backend == "onnx":
+        model = export_onnx(checkpoint, tmp_path / "model.onnx").path
+    runs = {}
+    for batch in (1, 8):
+        out = tmp_path / f"b{batch}"
+        predict_paths(
+            [mixed], out, model=model, backend=backend, batch_size=batch, workers=2,
+            progress=False, input_check=False,
+        )  # fmt: skip
+        runs[batch] = _records(out)
+    one, many = runs[1], runs[8]
+    assert sorted(one) == sorted(many) and len(one) >= 5
+    for name, a in one.items():
+        b = many[name]
+        if backend == "onnx":
+            assert a == b
+            continue
+        assert abs(a["probability"] - b["probability"]) <= 1e-6
+        assert a["decision"] == b["decision"]
+        keys = ("x", "y", "width", "height", "confidence")
+        assert len(a["boxes"]) == len(b["boxes"])
+        for box_a, box_b in zip(a["boxes"], b["boxes"], strict=True):
+            assert np.allclose([box_a[k] for k in keys], [box_b[k] for k in keys], atol=1e-3)
 
 
 def test_backend_option_errors(checkpoint: Path, tmp_path: Path) -> None:

@@ -3,10 +3,10 @@
 For each cache given (one per source: adults' and children's films differ), the classifier's
 pooled features of the TRAINING split are summarised (mean and low-rank covariance) and the
 VALIDATION split sets the threshold (:func:`pneumoloc.inference.ood.fit_ood_model`). The result
-is written beside the checkpoint as ``<checkpoint>.ood.pt`` (for ``default``:
-``pneumoloc/weights/default.ood.pt``), tied to the checkpoint's weights by their SHA-256, so a
-re-issued model never uses statistics of another. ``predict`` and ``serve`` then use it in the
-input check; without it they check on image evidence alone.
+is written beside the checkpoint as ``<checkpoint>.ood.safetensors`` (for ``default``:
+``pneumoloc/weights/default.ood.safetensors``), tied to the checkpoint's weights by their
+SHA-256, so a re-issued model never uses statistics of another. ``predict`` and ``serve`` then
+use it in the input check; without it they check on image evidence alone.
 """
 
 from __future__ import annotations

@@ -52,6 +52,16 @@ def _add_cam_option(p: argparse.ArgumentParser, *, default_from: str = "checkpoi
     p.add_argument("--cam", default=None, help=f"heatmap method (default: the {default_from}'s)")
 
 
+def _add_backend_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="auto (default): ONNX Runtime on a CPU when the checkpoint has an ONNX twin "
+        "exported from it (the shipped model does after `make install`), else PyTorch",
+    )
+
+
 def _add_device_option(p: argparse.ArgumentParser, *, help: str = _DEVICE_HELP) -> None:
     p.add_argument("--device", default="auto", help=help)
 
@@ -595,6 +605,7 @@ def _add_serve_parser(sub: Subparsers) -> None:
     p.add_argument(
         "--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB (> 0)"
     )
+    _add_backend_option(p)
     _add_cam_option(p)
     _add_device_option(p)
     p.add_argument(
@@ -623,6 +634,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         cam_method=args.cam,
         device=args.device,
+        backend=args.backend,
         input_check=not args.no_input_check,
     )
     return 0
@@ -650,7 +662,7 @@ def _add_predict_parser(sub: Subparsers) -> None:
         default="default",
         help="checkpoint (torch) or exported .onnx (onnx), or 'default' for the shipped model",
     )
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    _add_backend_option(p)
     _add_cam_option(p, default_from="model")
     _add_device_option(p, help=f"{_DEVICE_HELP} (torch backend)")
     _add_batch_size_option(p, default=None, help="default: 8 on a GPU, 1 on the CPU (faster)")
@@ -788,7 +800,7 @@ def _add_listen_parser(sub: Subparsers) -> None:
         "--queue-size", type=int, default=16, help="images waiting for the model, at most"
     )
     p.add_argument("--model", default="default", help=_CHECKPOINT_HELP)
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    _add_backend_option(p)
     _add_cam_option(p, default_from="model")
     _add_device_option(p, help=f"{_DEVICE_HELP} (torch backend)")
     p.set_defaults(handler=_cmd_listen)
@@ -872,7 +884,8 @@ def _add_calibrate_ood_parser(sub: Subparsers) -> None:
         help="fit the input check's statistics of real films' features for a checkpoint",
         description="Fits, for each cache given (one per source), the mean and covariance of "
         "the classifier's pooled features on its training split and a threshold on its "
-        "validation split; writes CHECKPOINT's .ood.pt beside it (used by predict and serve).",
+        "validation split; writes CHECKPOINT's .ood.safetensors beside it (used by predict and "
+        "serve).",
     )
     _add_checkpoint_argument(p)
     p.add_argument(

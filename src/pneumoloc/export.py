@@ -41,6 +41,7 @@ import numpy as np
 
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference.onnx_backend import (
+    FEATURES_NAME,
     INPUT_NAME,
     META_KEYS,
     ONNX_FORMAT,
@@ -53,6 +54,7 @@ from pneumoloc.inference.recipe import ONNX_RECIPE_FIELDS, InferenceRecipe
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FEATURES_NAME",
     "INPUT_NAME",
     "META_KEYS",
     "ONNX_FORMAT",
@@ -111,20 +113,23 @@ def _cam_graph(models: list[Any], image_size: int) -> Any:
 
     size = int(image_size)
 
-    def member_output(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cam = model.forward_with_cam(x)
+    Output = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def member_output(model: Any, x: torch.Tensor) -> Output:
+        logits, cam, feats = model.forward_with_cam_and_features(x)
         # pneumoloc.cam.classic_cam, then compute_cam(scale_to_max=True), line for line.
         heat = upsample_cam(cam, (size, size)).relu()
         peak = heat.amax(dim=(-2, -1), keepdim=True)
         heat = torch.where(peak > 0, heat / peak.clamp(min=1e-12), heat)
-        return torch.sigmoid(logits.float()), heat
+        # The input check's features, as the torch backend pools them (feature_tap's output).
+        return torch.sigmoid(logits.float()), heat, feats.float().mean(dim=(2, 3))
 
     class CamGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = models[0]
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, image: torch.Tensor) -> Output:
             return member_output(self.model, to_model_input(image))
 
     class EnsembleCamGraph(torch.nn.Module):
@@ -132,16 +137,19 @@ def _cam_graph(models: list[Any], image_size: int) -> Any:
             super().__init__()
             self.members = torch.nn.ModuleList(models)
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, image: torch.Tensor) -> Output:
             x = to_model_input(image)
             outputs = [member_output(m, x) for m in self.members]
-            probs = torch.stack([p for p, _ in outputs]).mean(0)
-            return probs, torch.stack([h for _, h in outputs]).mean(0)
+            probs = torch.stack([o[0] for o in outputs]).mean(0)
+            # the first member's features, as the torch backend's input check reads them
+            return probs, torch.stack([o[1] for o in outputs]).mean(0), outputs[0][2]
 
     return (CamGraph() if len(models) == 1 else EnsembleCamGraph()).eval()
 
 
-def _metadata(meta: dict[str, Any]) -> dict[str, str]:
+def _metadata(
+    meta: dict[str, Any], weights_sha256: str = "", checkpoint_sha256: str = ""
+) -> dict[str, str]:
     from pneumoloc import DISCLAIMER, __version__
     from pneumoloc.io.preprocess import INTENSITY_CONVENTION
 
@@ -171,6 +179,20 @@ def _metadata(meta: dict[str, Any]) -> dict[str, str]:
         META_KEYS["cam_method"]: "cam",
         META_KEYS["pneumoloc_version"]: str(meta.get("pneumoloc_version", "")),
         META_KEYS["exported_by"]: f"pneumoloc {__version__}",
+        META_KEYS["weights_sha256"]: weights_sha256,
+        # The checkpoint file it came from (``predict --backend auto`` runs this file in its
+        # place only while the checkpoint is unchanged) and what of its recipe the graph
+        # cannot run (then the checkpoint runs with PyTorch).
+        META_KEYS["checkpoint_sha256"]: checkpoint_sha256,
+        META_KEYS["source_recipe"]: json.dumps(
+            {
+                "cam_method": meta.get("cam_method") or "cam",
+                "tta": bool(meta.get("tta")),
+                "cam_layers": meta.get("cam_layers"),
+                "has_detector": bool(meta.get("detector")),
+            },
+            sort_keys=True,
+        ),
         "disclaimer": DISCLAIMER,
     }
 
@@ -241,7 +263,7 @@ def export_onnx(
                 graph,
                 (example,),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=[*OUTPUT_NAMES, FEATURES_NAME],
                 dynamic_shapes=({0: batch},),
                 opset_version=opset,
                 dynamo=True,
@@ -257,14 +279,20 @@ def export_onnx(
                 (example,),
                 str(tmp),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                output_names=[*OUTPUT_NAMES, FEATURES_NAME],
+                dynamic_axes={
+                    name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES, FEATURES_NAME)
+                },
                 opset_version=opset,
                 dynamo=False,
             )
             proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
-    for key, value in _metadata(meta).items():
+    from pneumoloc.inference.loading import file_sha256
+    from pneumoloc.inference.ood import weights_digest
+
+    props = _metadata(meta, weights_digest(models[0].state_dict()), file_sha256(path))
+    for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = (
@@ -308,9 +336,14 @@ def _compare(path: Path, graph: Any, size: int) -> tuple[float, float]:
 
     images = np.random.default_rng(0).integers(0, 256, (3, 1, size, size), dtype=np.uint8)
     runner = OnnxPredictor.from_onnx(path, threads=1, lung_mask=False, refine=None)
-    probs, maps, _ = runner.network(images)
+    probs, maps, _, feats = runner.network_with_features(images)
     with torch.inference_mode():
-        p_ref, h_ref = graph(torch.from_numpy(images))
+        p_ref, h_ref, f_ref = graph(torch.from_numpy(images))
+    if feats is None or feats.shape != tuple(f_ref.shape):
+        raise CheckpointError(f"{path}: the ONNX graph's features output is missing or malformed")
+    scale = max(float(f_ref.abs().max()), 1.0)
+    if float(np.abs(feats - f_ref.numpy()).max()) > 1e-3 * scale:
+        raise CheckpointError(f"{path}: ONNX Runtime's features disagree with PyTorch's")
     return (
         float(np.abs(probs - p_ref.numpy()).max()),
         float(np.abs(maps - h_ref.numpy()).max()),

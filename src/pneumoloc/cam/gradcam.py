@@ -22,19 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from pneumoloc.cam.classic import eval_mode, model_device, prepare_input
+from pneumoloc.cam.names import CAM_LAYER_CHOICES, LIBRARY_METHODS
 from pneumoloc.errors import ConfigError
 from pneumoloc.models.classifier import CamClassifier
-
-LIBRARY_METHODS: dict[str, str] = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "hirescam": "HiResCAM",
-    "layercam": "LayerCAM",
-    "scorecam": "ScoreCAM",
-    "eigencam": "EigenCAM",
-}
-"""Our method names -> pytorch_grad_cam class names (imported lazily: the library pulls in
-OpenCV and matplotlib and takes seconds to import)."""
 
 SCORECAM_BATCH_SIZE = 32
 """Masked copies per forward pass in ScoreCAM when no batch size is given."""
@@ -69,10 +59,6 @@ def resolve_target_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Mod
         except AttributeError as exc:
             raise ConfigError(f"target layer {name!r} is not a submodule of the model") from exc
     return layers
-
-
-CAM_LAYER_CHOICES = ("final", "stages")
-"""``cam_layers`` options: the final feature map, or it fused with the two stages before it."""
 
 
 def stage_layers(model: CamClassifier, count: int = 3) -> list[nn.Module]:

@@ -10,7 +10,11 @@ Used by ``evaluate`` (images from a cache), ``predict`` (files), ``submit`` and 
 * :mod:`~pneumoloc.inference.torch_backend`: :class:`Predictor` (PyTorch checkpoints);
 * :mod:`~pneumoloc.inference.onnx_backend`: :class:`OnnxPredictor` (exported ONNX files);
 * :mod:`~pneumoloc.inference.loading`: :func:`load_predictor`, a backend by name.
+
+Importing this package does not import torch (``Predictor`` is loaded on first use).
 """
+
+from typing import TYPE_CHECKING
 
 from pneumoloc.inference.base import (
     DEFAULT_MODEL,
@@ -27,7 +31,9 @@ from pneumoloc.inference.recipe import (
     NOTEBOOK_RECIPE,
     InferenceRecipe,
 )
-from pneumoloc.inference.torch_backend import Predictor
+
+if TYPE_CHECKING:
+    from pneumoloc.inference.torch_backend import Predictor
 
 __all__ = [
     "BACKENDS",
@@ -47,6 +53,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
+    # The PyTorch backend is imported on first use: the ONNX Runtime path never needs torch.
+    if name == "Predictor":
+        from pneumoloc.inference.torch_backend import Predictor
+
+        return Predictor
     # Names that left this module in 0.1 (kept for one release, with a warning).
     from pneumoloc._compat import moved_attribute
 

@@ -245,12 +245,16 @@ class InputCheck:
     @classmethod
     def for_predictor(cls, predictor: Any) -> InputCheck:
         """The check for a loaded predictor: the shipped layout model, and the OOD statistics
-        beside its checkpoint when they were fitted for its weights (torch backend only)."""
-        from pneumoloc.inference.ood import load_ood_model, ood_path
+        beside its checkpoint (or the ONNX file exported from it) when they were fitted for its
+        weights (``predictor.weights_sha256``)."""
+        from pneumoloc.inference.ood import legacy_ood_path, load_ood_model, ood_path
 
         ood = None
         checkpoint = predictor.meta.get("checkpoint_path")
-        if checkpoint and ood_path(checkpoint).is_file() and hasattr(predictor, "weights_sha256"):
+        present = checkpoint and (
+            ood_path(checkpoint).is_file() or legacy_ood_path(checkpoint).is_file()
+        )
+        if present and getattr(predictor, "weights_sha256", None):
             ood = load_ood_model(checkpoint, predictor.weights_sha256)
         return cls(layout=default_layout_model(), ood=ood)
 

@@ -17,22 +17,21 @@ backend and every checkpoint), each from a small thumbnail of the image:
   refused below a low quantile of the training films' values.
 
 :func:`fit_layout_model` fits them (``tools/fit_input_check.py``); the fitted model ships as
-``pneumoloc/weights/frontal_layout.pt``, a plain dict loaded with ``weights_only=True``.
+``pneumoloc/weights/frontal_layout.safetensors`` (arrays and JSON, read with numpy).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pneumoloc.errors import CheckpointError
 from pneumoloc.inference.ood import OodModel, fit_ood_model
+from pneumoloc.io.payload import load_payload, save_payload
 from pneumoloc.io.preprocess import resize_square
 
 __all__ = [
@@ -46,7 +45,9 @@ __all__ = [
 LAYOUT_KIND = "pneumoloc-frontal-layout"
 LAYOUT_FORMAT = 1
 THUMBNAIL = 24
-LAYOUT_MODEL_PATH = Path(__file__).resolve().parent.parent / "weights" / "frontal_layout.pt"
+LAYOUT_MODEL_PATH = (
+    Path(__file__).resolve().parent.parent / "weights" / "frontal_layout.safetensors"
+)
 _MIDLINE_SIZE = 128
 
 
@@ -133,12 +134,12 @@ class LayoutModel:
         return reasons
 
     def to_payload(self) -> dict[str, Any]:
-        """A dict ``torch.save`` writes and ``torch.load(weights_only=True)`` reads."""
+        """A dict of numbers, strings and float32 arrays (:func:`pneumoloc.io.payload`)."""
         return {
             "kind": LAYOUT_KIND,
             "format": LAYOUT_FORMAT,
             "thumbnail": THUMBNAIL,
-            "coef": torch.from_numpy(self.coef.astype(np.float32)),
+            "coef": self.coef.astype(np.float32),
             "intercept": float(self.intercept),
             "orientation_threshold": float(self.orientation_threshold),
             "layout": self.layout.to_payload(),
@@ -148,11 +149,7 @@ class LayoutModel:
 
     def save(self, path: str | Path = LAYOUT_MODEL_PATH) -> Path:
         """Write atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.to_payload(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_payload(path, self.to_payload())
 
     @classmethod
     def load(cls, path: str | Path = LAYOUT_MODEL_PATH) -> LayoutModel:
@@ -163,7 +160,7 @@ class LayoutModel:
         """
         path = Path(path)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = load_payload(path)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: the frontal-film layout model is missing") from None
         except Exception as exc:

@@ -1,41 +1,143 @@
 """A predictor by backend name: a checkpoint run by PyTorch, or an exported file by ONNX Runtime.
 
-Used by ``predict`` and ``serve``; the batch-size default is measured, see
-:func:`default_batch_size`.
+Used by ``predict``, ``serve`` and ``listen``; the batch-size default is measured, see
+:func:`default_batch_size`. Backend ``"auto"`` (the default) runs a checkpoint with ONNX
+Runtime on the CPU when an ONNX file exported from exactly that checkpoint lies beside it
+(``default.pt`` -> ``default.onnx``, written by ``make install`` for the shipped model, or
+``pneumoloc export CKPT --onnx``) and the recipe needs nothing the graph lacks; otherwise with
+PyTorch (:func:`choose_backend`). On this project's 2-core machine the ONNX path starts in a
+fraction of the time (no torch, timm or torchvision import: about 2 s less) and its network runs
+about 4x faster than PyTorch's, with the same probabilities to 1e-6
+(``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference import base
 from pneumoloc.inference.base import DEFAULT_MODEL, BasePredictor
-from pneumoloc.inference.torch_backend import Predictor
 
-__all__ = ["BACKENDS", "CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "default_batch_size", "load_predictor"]
+__all__ = [
+    "BACKENDS",
+    "CPU_BATCH_SIZE",
+    "GPU_BATCH_SIZE",
+    "choose_backend",
+    "default_batch_size",
+    "load_predictor",
+    "onnx_twin",
+]
 
-BACKENDS = ("torch", "onnx")
+logger = logging.getLogger("pneumoloc.inference")
+
+BACKENDS = ("auto", "torch", "onnx")
 GPU_BATCH_SIZE = 8
-CPU_BATCH_SIZE = 1
+CPU_BATCH_SIZE = 8
+
+
+def gpu_present() -> bool:
+    """Whether a CUDA GPU can be used, without importing torch when it is not imported yet
+    (the NVIDIA driver's files are looked for instead; torch is asked when already loaded)."""
+    if "torch" in sys.modules:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def onnx_twin(checkpoint: str | Path) -> Path | None:
+    """The ONNX file beside ``checkpoint`` (``x.pt`` -> ``x.onnx``), or None. Whether it was
+    exported from exactly these bytes is checked when it is opened (:func:`load_predictor`)."""
+    checkpoint = Path(checkpoint)
+    twin = checkpoint.with_suffix(".onnx")
+    return twin if twin.is_file() and checkpoint.is_file() and twin != checkpoint else None
+
+
+def choose_backend(
+    model: str | Path, device: str = "auto", cam_method: str | None = None
+) -> tuple[str, Path | None]:
+    """What ``backend="auto"`` runs: ``("onnx", twin)`` to try the checkpoint's
+    :func:`onnx_twin`, ``("onnx", None)`` for an ``.onnx`` model, or ``("torch", None)``.
+
+    ONNX Runtime when the model is an ``.onnx`` file, or when the device is the CPU (``cpu``,
+    or ``auto`` without a GPU), the heatmap method is the classic CAM and the checkpoint has
+    an ONNX twin. PyTorch otherwise.
+    """
+    if str(model).lower().endswith(".onnx"):
+        return "onnx", None
+    if device not in ("auto", "cpu") or (device == "auto" and gpu_present()):
+        return "torch", None
+    if cam_method not in (None, "cam"):
+        return "torch", None
+    checkpoint = base.DEFAULT_WEIGHTS if str(model) == DEFAULT_MODEL else Path(model)
+    twin = onnx_twin(checkpoint)
+    return ("onnx", twin) if twin is not None else ("torch", None)
+
+
+def _twin_predictor(
+    checkpoint: Path, twin: Path, threads: int | None, kwargs: dict[str, Any]
+) -> BasePredictor | None:
+    """The twin opened with ONNX Runtime when it holds exactly ``checkpoint``'s model and the
+    recipe needs nothing the graph lacks; None (PyTorch runs it) otherwise."""
+    from pneumoloc.inference.onnx_backend import OnnxPredictor
+
+    try:
+        predictor = OnnxPredictor.from_onnx(twin, threads=threads, **kwargs)
+    except (CheckpointError, ConfigError) as exc:
+        logger.warning("%s; running %s with PyTorch", exc, checkpoint)
+        return None
+    meta = predictor.meta
+    if meta.get("checkpoint_sha256") != file_sha256(checkpoint):
+        logger.warning(
+            "%s was not exported from %s as it is now; running it with PyTorch (re-export: "
+            "pneumoloc export %s --onnx %s)",
+            twin,
+            checkpoint,
+            checkpoint,
+            twin,
+        )
+        return None
+    recipe = meta.get("source_recipe") or {}
+    if (
+        recipe.get("has_detector")
+        or recipe.get("tta")
+        or recipe.get("cam_method", "cam") != "cam"
+        or recipe.get("cam_layers") not in (None, "final")
+    ):
+        return None  # the checkpoint's own recipe needs PyTorch
+    return predictor
 
 
 def default_batch_size(backend: str, device: str) -> int:
-    """Images per forward pass when none is asked for: 8 on a GPU, 1 on the CPU.
+    """Images per forward pass when none is asked for: 8 (GPU and CPU).
 
-    On a 2-core CPU, batching does not pay: per image, the shipped efficientnet_b0 (output
-    stride 8) takes ~47 ms at batch 1 and ~105 ms at batch 8 with PyTorch (its large feature
-    maps overflow the caches), ONNX Runtime ~26 vs ~29 ms, resnet18 ~19 vs ~22 ms
-    (``benchmarks/bench_predict.py``).
+    The shipped default (tf_efficientnet_lite0 at 192 px) batches well on the CPU too: with
+    ONNX Runtime, one thread, about 13 ms per image at batch 1 and 9 ms at batch 8; PyTorch
+    about 36 and 35 ms (``benchmarks/bench_clinician.py``). (The earlier dilated
+    efficientnet_b0 was slower batched, so the CPU default was 1.)
     """
-    if backend != "torch" or device == "cpu":
-        return CPU_BATCH_SIZE
-    if device.startswith("cuda"):
-        return GPU_BATCH_SIZE
-    import torch
+    return GPU_BATCH_SIZE if backend != "torch" or device != "cpu" else CPU_BATCH_SIZE
 
-    return GPU_BATCH_SIZE if torch.cuda.is_available() else CPU_BATCH_SIZE
+
+def _cam_kwargs(cam_method: str | None) -> dict[str, Any]:
+    return {} if cam_method is None else {"cam_method": cam_method}
 
 
 def load_predictor(
@@ -52,7 +154,7 @@ def load_predictor(
     Args:
         model: Checkpoint (torch) or exported ``.onnx`` file (onnx); "default" is the model
             shipped in the package (``weights/default.pt``, or ``weights/default.onnx``).
-        backend: "torch" or "onnx".
+        backend: "auto" (see :func:`choose_backend`), "torch" or "onnx".
         device: "auto", "cpu" or "cuda" (torch; the onnx backend runs on the CPU).
         cam_method: Heatmap method (default: the model's; the onnx backend has "cam" only).
         batch_size: Images per forward pass (default: see :func:`default_batch_size`).
@@ -65,13 +167,24 @@ def load_predictor(
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        backend, twin = choose_backend(model, device, cam_method)
+        if twin is not None:
+            checkpoint = base.DEFAULT_WEIGHTS if str(model) == DEFAULT_MODEL else Path(model)
+            size = default_batch_size("onnx", device) if batch_size is None else batch_size
+            if size < 1:
+                raise ConfigError(f"batch size must be at least 1, got {size}")
+            chosen = _twin_predictor(
+                checkpoint, twin, threads, {"batch_size": size, **_cam_kwargs(cam_method)}
+            )
+            if chosen is not None:
+                return chosen
+            backend = "torch"
     batch_size = default_batch_size(backend, device) if batch_size is None else batch_size
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     is_default = str(model) == DEFAULT_MODEL
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if cam_method is not None:
-        kwargs["cam_method"] = cam_method
+    kwargs: dict[str, Any] = {"batch_size": batch_size, **_cam_kwargs(cam_method)}
     if backend == "onnx":
         from pneumoloc.inference.onnx_backend import OnnxPredictor
 
@@ -93,6 +206,8 @@ def load_predictor(
 
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA GPU is available; use auto or cpu")
+    from pneumoloc.inference.torch_backend import Predictor
+
     try:
         return Predictor.from_checkpoint(None if is_default else model, device=device, **kwargs)
     except CheckpointError as exc:

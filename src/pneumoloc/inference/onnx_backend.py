@@ -20,6 +20,7 @@ from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference.base import BasePredictor, split_settings
 
 __all__ = [
+    "FEATURES_NAME",
     "INPUT_NAME",
     "META_KEYS",
     "ONNX_FORMAT",
@@ -32,6 +33,9 @@ ONNX_FORMAT = "pneumoloc-cam-onnx/1"
 """Value of the ``pneumoloc.format`` metadata entry of every file :func:`export_onnx` writes."""
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probability", "heatmap")
+FEATURES_NAME = "features"
+"""Optional third output: the (first) model's pooled features (B, C), for the input check.
+Files exported before it existed lack it; they are run without it."""
 
 META_KEYS = {
     "format": "pneumoloc.format",
@@ -44,6 +48,9 @@ META_KEYS = {
     "cam_method": "pneumoloc.cam_method",
     "pneumoloc_version": "pneumoloc.pneumoloc_version",
     "exported_by": "pneumoloc.exported_by",
+    "weights_sha256": "pneumoloc.weights_sha256",
+    "checkpoint_sha256": "pneumoloc.checkpoint_sha256",
+    "source_recipe": "pneumoloc.source_recipe",
 }
 """``metadata_props`` keys. ``pneumoloc.meta`` is the JSON of the checkpoint metadata that
 describes the model; the others repeat its main fields for tools that show metadata."""
@@ -146,14 +153,45 @@ class OnnxPredictor(BasePredictor):
             raise CheckpointError(
                 f"{path}: ONNX Runtime cannot load it ({type(exc).__name__})"
             ) from None
-        meta = _parse_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
+        props = dict(session.get_modelmeta().custom_metadata_map)
+        meta = _parse_metadata(path, props)
         meta["checkpoint_path"] = str(path)
+        meta["weights_sha256"] = props.get(META_KEYS["weights_sha256"], "")
+        meta["checkpoint_sha256"] = props.get(META_KEYS["checkpoint_sha256"], "")
+        try:
+            meta["source_recipe"] = json.loads(props.get(META_KEYS["source_recipe"], "{}"))
+        except ValueError:
+            meta["source_recipe"] = {}
         # The file's metadata holds only settings this backend runs (cam_method is "cam").
         return cls(session=session, meta=meta, **split_settings(meta, kwargs, cam_method="cam"))
+
+    @property
+    def has_features(self) -> bool:
+        """Whether the graph outputs the pooled features (files exported since 0.2)."""
+        return FEATURES_NAME in {o.name for o in self.session.get_outputs()}
+
+    @property
+    def weights_sha256(self) -> str:
+        """Digest of the exported weights (as the torch backend computes it; "" when the file
+        predates it), so the input check finds the checkpoint's feature statistics."""
+        return str(self.meta.get("weights_sha256") or "")
 
     def network(self, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Uncalibrated probabilities (B,), heatmaps (B, S, S) in [0, 1] and the uint8 images,
         for uint8 images (B, S, S)."""
+        probs, maps, pixels, _ = self._run(images, features=False)
+        return probs, maps, pixels
+
+    def network_with_features(
+        self, images: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`network` plus the pooled features (B, C) of the same run (None when the
+        file has no such output)."""
+        return self._run(images, features=self.has_features)
+
+    def _run(
+        self, images: Any, *, features: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         arr = np.asarray(images.numpy() if hasattr(images, "numpy") else images)
         if arr.ndim == 3:
             arr = arr[:, None]
@@ -163,12 +201,16 @@ class OnnxPredictor(BasePredictor):
         if arr.dtype != np.uint8:
             raise ValueError(f"expected uint8 images, got {arr.dtype}")
         if len(arr) == 0:
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), arr[:, 0]
-        probs, maps = [], []
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), arr[:, 0], None
+        names = [*OUTPUT_NAMES, FEATURES_NAME] if features else list(OUTPUT_NAMES)
+        probs, maps, feats = [], [], []
         for start in range(0, len(arr), self.batch_size):
             chunk = np.ascontiguousarray(arr[start : start + self.batch_size])
-            p, h = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
-            probs.append(p)
-            maps.append(h)
+            outputs = self.session.run(names, {INPUT_NAME: chunk})
+            probs.append(outputs[0])
+            maps.append(outputs[1])
+            if features:
+                feats.append(outputs[2])
         heatmaps = np.concatenate(maps).astype(np.float32)
-        return np.concatenate(probs).astype(np.float32), heatmaps, arr[:, 0]
+        pooled = np.concatenate(feats).astype(np.float32) if features else None
+        return np.concatenate(probs).astype(np.float32), heatmaps, arr[:, 0], pooled

@@ -19,23 +19,23 @@ of distribution when it is beyond the threshold of every source.
 Statistics of network features belong to one set of weights: :class:`OodModel` stores the
 SHA-256 of the weights it was fitted for, and :func:`load_ood_model` ignores (with a warning)
 statistics of other weights, such as those of a re-issued default model. They live beside the
-checkpoint in ``<checkpoint>.ood.pt`` (a plain dict of tensors, loaded with
-``weights_only=True``), written by ``pneumoloc calibrate-ood``.
+checkpoint in ``<checkpoint>.ood.safetensors`` (arrays and JSON, read with numpy: no pickle, no
+torch, so the ONNX Runtime path reads them too), written by ``pneumoloc calibrate-ood``; the
+``.ood.pt`` files of pneumoloc 0.1 are still read (with torch).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pneumoloc.errors import CheckpointError
+from pneumoloc.io.payload import load_payload, save_payload
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,22 @@ DEFAULT_MARGIN = 1.0
 
 
 def ood_path(checkpoint: str | Path) -> Path:
-    """Where the statistics of a checkpoint live: ``best.pt`` -> ``best.ood.pt``."""
+    """Where the statistics of a checkpoint (or of the ONNX file exported from it) live:
+    ``best.pt`` -> ``best.ood.safetensors``."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + ".ood.safetensors")
+
+
+def legacy_ood_path(checkpoint: str | Path) -> Path:
+    """Where pneumoloc 0.1 wrote them (``best.ood.pt``, a ``torch.save`` file; still read)."""
     path = Path(checkpoint)
     return path.with_name(path.stem + ".ood.pt")
 
 
-def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+def weights_digest(state_dict: dict[str, Any]) -> str:
     """SHA-256 over a state dict's names, shapes, dtypes and values (device- and file-free)."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
@@ -101,9 +110,9 @@ class Gaussian:
 
     def to_payload(self) -> dict[str, Any]:
         return {
-            "mean": torch.from_numpy(self.mean.astype(np.float32)),
-            "components": torch.from_numpy(self.components.astype(np.float32)),
-            "variances": torch.from_numpy(self.variances.astype(np.float32)),
+            "mean": self.mean.astype(np.float32),
+            "components": self.components.astype(np.float32),
+            "variances": self.variances.astype(np.float32),
             "residual_variance": float(self.residual_variance),
             "threshold": float(self.threshold),
         }
@@ -156,7 +165,7 @@ class OodModel:
         return np.min([p.distance(x) / p.threshold for p in self.parts], axis=0)
 
     def to_payload(self) -> dict[str, Any]:
-        """A dict ``torch.save`` writes and ``torch.load(weights_only=True)`` reads."""
+        """A dict of numbers, strings and float32 arrays (:func:`pneumoloc.io.payload`)."""
         return {
             "kind": OOD_KIND,
             "format": OOD_FORMAT,
@@ -191,11 +200,7 @@ class OodModel:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically to ``path``."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.to_payload(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_payload(path, self.to_payload())
 
 
 def fit_gaussian(
@@ -274,6 +279,17 @@ def fit_ood_model(
     )
 
 
+def read_ood_payload(path: str | Path) -> dict[str, Any]:
+    """The payload of a statistics file: safetensors, or a legacy ``.ood.pt`` (needs torch)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        import torch
+
+        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return payload
+    return load_payload(path)
+
+
 def load_ood_model(checkpoint: str | Path, weights_sha256: str) -> OodModel | None:
     """The OOD statistics stored beside ``checkpoint`` for exactly these weights, else None.
 
@@ -281,11 +297,12 @@ def load_ood_model(checkpoint: str | Path, weights_sha256: str) -> OodModel | No
     file give a warning and None: the input check then runs on image evidence alone.
     """
     path = ood_path(checkpoint)
+    if not path.is_file() and legacy_ood_path(checkpoint).is_file():
+        path = legacy_ood_path(checkpoint)
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = OodModel.from_payload(payload, path)
+        model = OodModel.from_payload(read_ood_payload(path), path)
     except CheckpointError as exc:
         logger.warning("%s; the input check uses image evidence only", exc)
         return None

@@ -79,7 +79,7 @@ class ListenConfig:
         destination: Where SR and Secondary Capture results are sent; None keeps them local
             (``dicom_out`` only), e.g. for a dry run.
         model: Checkpoint, exported ``.onnx`` or "default".
-        backend: "torch" or "onnx".
+        backend: "auto", "torch" or "onnx" (:func:`pneumoloc.inference.load_predictor`).
         device: "auto", "cpu" or "cuda" (torch).
         cam_method: Heatmap method (default: the model's).
         queue_size: Images accepted but not yet analysed, at most; a C-STORE beyond that is
@@ -95,7 +95,7 @@ class ListenConfig:
     port: int = DEFAULT_PORT
     destination: Destination | None = None
     model: str | Path = "default"
-    backend: str = "torch"
+    backend: str = "auto"
     device: str = "auto"
     cam_method: str | None = None
     queue_size: int = 16

@@ -190,12 +190,19 @@ class CamClassifier(nn.Module):
         exactly (``cam.mean((1, 2))`` for ``pool="avg"``; ``(attention(f) * cam).sum((1, 2))``
         for ``pool="attention"``).
         """
-        feats = self.dropout(self.forward_features(x))
+        logits, cam, _ = self.forward_with_cam_and_features(x)
+        return logits, cam
+
+    def forward_with_cam_and_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward_with_cam` plus the feature map (B, C, h, w) it came from (the output
+        of ``feature_tap``, before dropout), from the same pass."""
+        tapped = self.forward_features(x)
+        feats = self.dropout(tapped)
         cam = self.cam_from_features(feats)
         if self.attention is not None:
             weights = self.attention(feats)
-            return (weights * cam.float()).sum(dim=(-2, -1)).to(cam.dtype), cam
-        return POOLS[self.pool](cam), cam
+            return (weights * cam.float()).sum(dim=(-2, -1)).to(cam.dtype), cam, tapped
+        return POOLS[self.pool](cam), cam, tapped
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape (B,), squeezed: one pneumonia logit per image.

@@ -92,7 +92,7 @@ def predict_paths(
     out: str | Path,
     *,
     model: str | Path = "default",
-    backend: str = "torch",
+    backend: str = "auto",
     cam_method: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
@@ -114,7 +114,8 @@ def predict_paths(
         inputs: Files and folders (searched recursively) of DICOM, PNG or JPEG images.
         out: Output folder (created).
         model: Checkpoint, exported ``.onnx`` (with ``backend="onnx"``), or "default".
-        backend: "torch" or "onnx" (see :func:`pneumoloc.inference.load_predictor`).
+        backend: "auto" (ONNX Runtime on a CPU when the checkpoint has an ONNX twin), "torch"
+            or "onnx" (see :func:`pneumoloc.inference.load_predictor`).
         cam_method: Heatmap method (default: the model's).
         device: "auto" (GPU if available), "cpu" or "cuda"; torch backend only.
         batch_size: Images per forward pass (default: see :func:`default_batch_size`).
@@ -186,7 +187,7 @@ def predict_paths(
                 out_dir,
                 batch_size=batch_size,
                 n_workers=workers if workers is not None else available_cores(),
-                torch_threads=threads if backend == "torch" else None,
+                torch_threads=threads if predictor.backend == "torch" else None,
                 overlays=overlays,
                 keep_identifiers=keep_identifiers,
                 progress=progress,

@@ -10,7 +10,6 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pneumoloc.errors import ConfigError
 from pneumoloc.serve.app import create_app
@@ -48,6 +47,7 @@ def run_server(
     max_upload_mb: float = 32.0,
     cam_method: str | None = None,
     device: str = "auto",
+    backend: str = "auto",
     input_check: bool = True,
 ) -> None:
     """Load the model once and serve the page and API with uvicorn until interrupted.
@@ -64,6 +64,7 @@ def run_server(
         max_upload_mb: Largest accepted upload, in MiB; must be positive.
         cam_method: Heatmap method; None: the checkpoint's.
         device: "auto", "cpu" or "cuda".
+        backend: "auto", "torch" or "onnx" (:func:`pneumoloc.inference.load_predictor`).
         input_check: Refuse uploads that are not frontal chest radiographs (422 with the
             reason, no probability); see :mod:`pneumoloc.inference.input_check`.
 
@@ -74,7 +75,7 @@ def run_server(
     """
     import uvicorn
 
-    from pneumoloc.inference import Predictor
+    from pneumoloc.inference.loading import load_predictor
 
     if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
         raise ConfigError(
@@ -88,8 +89,9 @@ def run_server(
         allowed_hosts=tuple(allowed_hosts),
         input_check=input_check,
     )
-    kwargs: dict[str, Any] = {"cam_method": cam_method} if cam_method else {}
-    predictor = Predictor.from_checkpoint(model, device=device, **kwargs)
+    predictor = load_predictor(
+        "default" if model is None else model, backend, device=device, cam_method=cam_method
+    )
     app = create_app(predictor, settings)
     shown = f"[{host}]" if ":" in host else host
     logger.info(

@@ -5,7 +5,7 @@ Endpoints:
 * ``GET /`` and ``GET /static/*``: the page (HTML, JS and CSS shipped with pneumoloc; nothing is
   loaded from another site, so it works offline).
 * ``GET /api/health``: ``{"status": "ok"}``; never needs the token.
-* ``GET /api/model``: :meth:`Predictor.describe` plus the key facts of the checkpoint.
+* ``GET /api/model``: :meth:`BasePredictor.describe` plus the key facts of the checkpoint.
 * ``POST /api/predict``: a multipart upload (field ``file``) of one DICOM, PNG or JPEG; the
   answer is :func:`pneumoloc.inference.prediction_record` plus ``input``, ``model`` and, with
   ``?images=1``, the display images (X-ray and colour-mapped heatmap as base64 PNGs).
@@ -67,7 +67,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pneumoloc import DISCLAIMER, __version__
 from pneumoloc.errors import ImageReadError
-from pneumoloc.inference import Predictor
+from pneumoloc.inference import BasePredictor
 from pneumoloc.serve.engine import Engine, build_model_card
 from pneumoloc.serve.errors import ApiError, api_error_from_read, api_error_response
 from pneumoloc.serve.schemas import (
@@ -110,7 +110,7 @@ _SECURITY_HEADERS = {
 }
 
 
-def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(predictor: BasePredictor, settings: ServeSettings | None = None) -> FastAPI:
     """Build the web app around one loaded model.
 
     Args:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pneumoloc import DISCLAIMER
 from pneumoloc.errors import NotAChestRadiographError
-from pneumoloc.inference import Prediction, Predictor, prediction_record
+from pneumoloc.inference import BasePredictor, Prediction, prediction_record
 from pneumoloc.inference.input_check import InputCheck, read_dicom_tags
 from pneumoloc.io import read_xray_bytes
 from pneumoloc.io.preprocess import resize_square
@@ -67,7 +67,7 @@ class Engine:
     ``settings.workers`` of them decode at the same time.
     """
 
-    predictor: Predictor
+    predictor: BasePredictor
     settings: ServeSettings
     lock: threading.Lock
     executor: ThreadPoolExecutor
@@ -76,7 +76,7 @@ class Engine:
     input_check: InputCheck | None = None
 
     @classmethod
-    def start(cls, predictor: Predictor, settings: ServeSettings) -> Engine:
+    def start(cls, predictor: BasePredictor, settings: ServeSettings) -> Engine:
         """An engine with its lock, its pool of ``settings.workers`` threads, its upload
         semaphore and its counter."""
         return cls(
@@ -172,13 +172,13 @@ def without_server_paths(value: Any) -> Any:
     return value
 
 
-def public_describe(predictor: Predictor) -> dict[str, Any]:
+def public_describe(predictor: BasePredictor) -> dict[str, Any]:
     """``predictor.describe()`` without server paths: the checkpoint by its file name."""
     described: dict[str, Any] = without_server_paths(predictor.describe())
     return described
 
 
-def build_model_card(predictor: Predictor) -> dict[str, Any]:
+def build_model_card(predictor: BasePredictor) -> dict[str, Any]:
     """``GET /api/model``: ``predictor.describe()`` plus the key facts stored in the checkpoint.
 
     No absolute server path appears: the checkpoint and the training data's source are given

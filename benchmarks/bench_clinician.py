@@ -1,0 +1,301 @@
+"""The clinician's path, end to end, for this code and (optionally) the code before, in one run.
+
+Issue 15's figures, each measured as a user meets them (a fresh process, the shipped default
+model, real RSNA DICOMs from ``../shared/data``):
+
+* ``one``: ``pneumoloc predict ONE.dcm --out DIR`` wall time, interpreter start-up included
+  (median of ``--runs``);
+* ``folder``: ``pneumoloc predict FOLDER`` on ``--n`` DICOMs, with and without overlays:
+  images/s over the command's wall time (start-up included) and over the run itself (the
+  "in X s" the command reports: model loading included, interpreter start-up and imports not);
+* ``serve``: ``pneumoloc serve`` on loopback, ``--clients`` threads posting real DICOMs
+  (round robin over the folder) until ``--requests`` are answered: predictions/s, p50/p95;
+* ``evaluate``: ``pneumoloc evaluate default --data RSNA --split all`` (every labelled DICOM of
+  the sample, report included) with a warm cache (a first call prepares it and is not timed).
+
+Each measurement runs the code under ``src`` and, with ``--old-src DIR``, the code in ``DIR``
+(e.g. ``git archive COMMIT src | tar -x -C /tmp/old``) right after it, in a child process with
+``PYTHONPATH`` set, the same interpreter and packages, so background load hits both alike.
+Results go to ``--json`` as they are measured, and a markdown table is printed at the end.
+
+Usage::
+
+    git archive cefb646 src | tar -x -C /tmp/old15
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_clinician.py --old-src /tmp/old15/src \\
+        --json docs/results/clinician-bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RSNA = ROOT.parent / "shared" / "data" / "rsna-pneumonia-sample"
+HOST = "127.0.0.1"
+
+
+def _env(src: Path, cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(src)
+    env["PNEUMOLOC_CACHE_DIR"] = str(cache)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return wall, proc.stdout + proc.stderr
+
+
+def _reported_seconds(text: str) -> float | None:
+    found = re.findall(r"in ([0-9.]+) s \(", text)
+    return float(found[-1]) if found else None
+
+
+def bench_one(src: Path, cache: Path, dicom: Path, runs: int) -> dict[str, Any]:
+    env = _env(src, cache)
+    walls = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            out = Path(tmp) / f"o{i}"
+            wall, _ = _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pneumoloc",
+                    "predict",
+                    str(dicom),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ],
+                env,
+            )
+            walls.append(wall)
+        record = json.loads(next(Path(tmp, "o0").glob("*.json")).read_text())
+    return {
+        "wall_s_median": statistics.median(walls),
+        "wall_s_all": walls,
+        "backend": record.get("backend"),
+        "probability": record.get("probability"),
+    }
+
+
+def bench_folder(src: Path, cache: Path, folder: Path, n: int, overlays: bool) -> dict[str, Any]:
+    env = _env(src, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, "-m", "pneumoloc", "predict", str(folder), "--out", str(out)]
+        cmd += ["--quiet"] + ([] if overlays else ["--no-overlay"])
+        wall, text = _run(cmd, env)
+        run_s = _reported_seconds(text)
+        probs = {}
+        for path in out.glob("*.json"):
+            rec = json.loads(path.read_text())
+            probs[rec.get("source")] = rec.get("probability")
+    return {
+        "n": n,
+        "overlays": overlays,
+        "wall_s": wall,
+        "images_per_s_wall": n / wall,
+        "run_s": run_s,
+        "images_per_s_run": n / run_s if run_s else None,
+        "probabilities": probs,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def bench_serve(
+    src: Path, cache: Path, files: list[Path], clients: int, requests: int
+) -> dict[str, Any]:
+    import httpx
+
+    env = _env(src, cache)
+    port = _free_port()
+    url = f"http://{HOST}:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = (Path(tmp) / "serve.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pneumoloc", "serve", "--host", HOST, "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        "serve exited: " + (Path(tmp) / "serve.log").read_text()[-2000:]
+                    )
+                try:
+                    if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("serve did not start")
+                time.sleep(0.2)
+            payloads = [(f.name, f.read_bytes()) for f in files]
+            for name, data in payloads[:2]:  # warm-up
+                httpx.post(
+                    url + "/api/predict",
+                    files={"file": (name, data, "application/dicom")},
+                    timeout=120,
+                ).raise_for_status()
+            latencies: list[float] = []
+            errors: list[int] = []
+            lock = threading.Lock()
+            counter = [0]
+
+            def client() -> None:
+                with httpx.Client(base_url=url, timeout=120) as c:
+                    while True:
+                        with lock:
+                            i = counter[0]
+                            counter[0] += 1
+                        if i >= requests:
+                            return
+                        name, data = payloads[i % len(payloads)]
+                        t = time.perf_counter()
+                        r = c.post(
+                            "/api/predict", files={"file": (name, data, "application/dicom")}
+                        )
+                        dt = time.perf_counter() - t
+                        with lock:
+                            latencies.append(dt)
+                            if r.status_code not in (200, 422):
+                                errors.append(r.status_code)
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            total = time.perf_counter() - started
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ordered = sorted(latencies)
+    return {
+        "clients": clients,
+        "requests": requests,
+        "predictions_per_s": requests / total,
+        "p50_ms": 1000 * ordered[len(ordered) // 2],
+        "p95_ms": 1000 * ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+        "errors": errors,
+    }
+
+
+def bench_evaluate(src: Path, cache: Path, rsna: Path) -> dict[str, Any]:
+    env = _env(src, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pneumoloc", "evaluate", "default", "--data", str(rsna)]
+        cmd += ["--split", "all", "--quiet"]
+        _run([*cmd, "--out", str(Path(tmp) / "warm")], env)  # prepares the cache
+        wall, _ = _run([*cmd, "--out", str(Path(tmp) / "eval")], env)
+        metrics = json.loads((Path(tmp) / "eval" / "metrics.json").read_text())
+        n = int(
+            metrics.get("provenance", {}).get("n_images") or metrics["classification"].get("n") or 0
+        )
+        report = (Path(tmp) / "eval" / "report.html").is_file()
+    return {
+        "wall_s": wall,
+        "n_images": n,
+        "images_per_s": n / wall if n else None,
+        "report_written": report,
+        "auroc": metrics["classification"].get("auroc"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--old-src", type=Path, default=None, help="src folder of the code before")
+    parser.add_argument("--rsna", type=Path, default=RSNA)
+    parser.add_argument("--n", type=int, default=200, help="DICOMs in the folder run")
+    parser.add_argument("--runs", type=int, default=5, help="runs of the one-file predict")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--only", default="one,folder,serve,evaluate")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    images = sorted((args.rsna / "stage_2_train_images").glob("*.dcm"))
+    if len(images) < args.n:
+        raise SystemExit(f"{args.rsna}: fewer than {args.n} DICOMs")
+    codes = {"new": ROOT / "src"}
+    if args.old_src is not None:
+        codes["old"] = args.old_src.resolve()
+    only = set(args.only.split(","))
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "load_average_start": os.getloadavg()[0],
+        "command": " ".join(sys.argv),
+        "codes": {k: str(v) for k, v in codes.items()},
+    }
+
+    def save() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "folder"
+        folder.mkdir()
+        for path in images[: args.n]:
+            shutil.copy(path, folder / path.name)  # a plain folder (the data stays read-only)
+        caches = {k: Path(tmp) / f"cache-{k}" for k in codes}
+        steps = [
+            ("one", lambda s, c: bench_one(s, c, images[0], args.runs)),
+            ("folder_overlays", lambda s, c: bench_folder(s, c, folder, args.n, True)),
+            ("folder_no_overlays", lambda s, c: bench_folder(s, c, folder, args.n, False)),
+            ("serve", lambda s, c: bench_serve(s, c, images[:50], args.clients, args.requests)),
+            ("evaluate", lambda s, c: bench_evaluate(s, c, args.rsna)),
+        ]
+        for name, fn in steps:
+            if name.split("_")[0] not in only:
+                continue
+            for code, src in codes.items():
+                print(f"{name} [{code}] ...", file=sys.stderr, flush=True)
+                try:
+                    results.setdefault(name, {})[code] = fn(src, caches[code])
+                except Exception as exc:  # one failed measurement must not lose the others
+                    results.setdefault(name, {})[code] = {
+                        "error": f"{type(exc).__name__}: {exc}"[:3000]
+                    }
+                results.setdefault(name, {})[code]["load_average"] = os.getloadavg()[0]
+                save()
+    print(json.dumps({k: v for k, v in results.items()}, indent=1, default=str)[:20000])
+
+
+if __name__ == "__main__":
+    main()

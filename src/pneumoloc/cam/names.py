@@ -1,0 +1,32 @@
+"""The heatmap methods by name, without importing torch (recipes and the command line check
+names; the ONNX Runtime path never needs torch)."""
+
+from __future__ import annotations
+
+from pneumoloc.errors import ConfigError
+
+__all__ = ["CAM_LAYER_CHOICES", "CAM_METHODS", "LIBRARY_METHODS", "check_cam_method"]
+
+LIBRARY_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "eigencam": "EigenCAM",
+}
+"""Our method names -> pytorch_grad_cam class names (imported lazily: the library pulls in
+OpenCV and matplotlib and takes seconds to import)."""
+
+CAM_METHODS: dict[str, str] = {"cam": "classic CAM (exact, pneumoloc)", **LIBRARY_METHODS}
+"""Method names (CLI choices) -> what computes them: "cam" is ours, the rest are
+pytorch_grad_cam class names."""
+
+CAM_LAYER_CHOICES = ("final", "stages")
+"""``cam_layers`` options: the final feature map, or it fused with the two stages before it."""
+
+
+def check_cam_method(method: str) -> None:
+    """Raise :class:`ConfigError` naming the choices unless ``method`` is in ``CAM_METHODS``."""
+    if method not in CAM_METHODS:
+        raise ConfigError(f"unknown CAM method {method!r}; choose one of {list(CAM_METHODS)}")
