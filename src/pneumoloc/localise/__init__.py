@@ -5,5 +5,6 @@
 * :mod:`~pneumoloc.localise.refine`: image-guided random-walk refinement of heatmaps;
 * :mod:`~pneumoloc.localise.boxes`: heatmap (or detections) -> scored boxes.
 
-Import the submodule you need: ``refine`` imports torch, ``boxes`` and ``geometry`` do not.
+Import the submodule you need. None of them imports torch (``refine`` is numpy since issue 15,
+so the CPU inference path after the network needs none); ``geometry`` needs only numpy.
 """
