@@ -51,3 +51,74 @@ def test_restrict_to_lungs_zeroes_outside_and_renormalises() -> None:
     assert mask is not None
     assert out[0][~mask].max() == 0 and out[0].max() == 1.0  # the in-lung 0.5 rescaled to 1
     np.testing.assert_array_equal(out[1], heat[1])  # no lungs found: unchanged
+
+
+def _reference_lung_mask(pixels: np.ndarray) -> np.ndarray | None:
+    """The first version of ``estimate_lung_mask`` (before issue 15), with scipy's iterated
+    morphology and direct Gaussian filtering, kept as the reference the faster one must equal."""
+    from scipy import ndimage
+
+    from pneumoloc.localise.geometry import otsu_threshold
+
+    image = np.asarray(pixels, dtype=np.float32)
+    h, w = image.shape
+    side = min(h, w)
+    smooth = ndimage.gaussian_filter(image, sigma=max(1.0, side / 100))
+    background = ndimage.gaussian_filter(smooth, sigma=side / 8)
+    detail = smooth - background
+    dark_full = detail < otsu_threshold(detail, bins=64)
+    cut = max(1, round(0.025 * side))
+    seeds = ndimage.binary_erosion(dark_full, iterations=cut, border_value=1)
+    labels, n = ndimage.label(seeds)
+    if n == 0:
+        return None
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    centres = ndimage.center_of_mass(seeds, labels, index=np.arange(1, n + 1))
+    candidates = [
+        (area, i + 1)
+        for i, area in enumerate(areas)
+        if (i + 1) not in border
+        and area >= 0.02 * h * w / 4
+        and 0.1 * h < centres[i][0] < 0.85 * h
+        and 0.12 * w < centres[i][1] < 0.88 * w
+    ]
+    if not candidates:
+        return None
+    keep = [label for _, label in sorted(candidates, reverse=True)[:2]]
+    mask = ndimage.binary_dilation(np.isin(labels, keep), iterations=cut, mask=dark_full)
+    mask = ndimage.binary_fill_holes(mask)
+    mask = mask | mask[:, ::-1]
+    close = max(1, round(0.06 * side))
+    mask = ndimage.binary_closing(mask, iterations=close, border_value=0)
+    grow = round(0.08 * min(h, w))
+    if grow > 0:
+        mask = ndimage.binary_dilation(mask, iterations=grow)
+    return np.asarray(mask, dtype=bool)
+
+
+def _films(size: int) -> list[np.ndarray]:
+    """Synthetic films, and real ones when ../shared/data is there."""
+    from conftest import KERMANY, RSNA_SAMPLE
+
+    config = SynthConfig(n=12, image_size=size, seed=size)
+    films = [make_case(config, i).image for i in range(12)]
+    rng = np.random.default_rng(size)
+    films += [rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(3)]  # noise
+    films.append(np.zeros((size, size), np.uint8))
+    real = sorted((RSNA_SAMPLE / "stage_2_train_images").glob("*.dcm"))[:12]
+    real += sorted((KERMANY / "PNEUMONIA").glob("*.jpeg"))[:6] if KERMANY.is_dir() else []
+    if real:
+        from pneumoloc.predict import read_input
+
+        films += [read_input(path, size).pixels for path in real]
+    return films
+
+
+@pytest.mark.parametrize("size", [64, 192, 200, 256])
+def test_fast_mask_equals_the_first_version(size: int) -> None:
+    for film in _films(size):
+        got, want = estimate_lung_mask(film), _reference_lung_mask(film)
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got is not None and np.array_equal(got, want)

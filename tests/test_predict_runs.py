@@ -55,16 +55,17 @@ def test_predict_ctrl_c_writes_summary_and_resume_skips_finished_records(
     tmp_path: Path, inputs: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
-    real = BasePredictor.predict_arrays
+    # The pipeline's network call per batch (the rest of each image runs in worker threads).
+    real = BasePredictor.raw_outputs
     calls: list[int] = []
 
-    def interrupted(self, images, shapes, **kw):  # type: ignore[no-untyped-def]
+    def interrupted(self, images, with_features=False):  # type: ignore[no-untyped-def]
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(len(images))
-        return real(self, images, shapes, **kw)
+        return real(self, images, with_features)
 
-    monkeypatch.setattr(BasePredictor, "predict_arrays", interrupted)
+    monkeypatch.setattr(BasePredictor, "raw_outputs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(inputs, out, checkpoint)
     lines = (out / "summary.csv").read_text().splitlines()
@@ -74,8 +75,8 @@ def test_predict_ctrl_c_writes_summary_and_resume_skips_finished_records(
     calls.clear()
     monkeypatch.setattr(
         BasePredictor,
-        "predict_arrays",
-        lambda s, i, sh, **kw: (calls.append(len(i)), real(s, i, sh, **kw))[1],
+        "raw_outputs",
+        lambda s, i, with_features=False: (calls.append(len(i)), real(s, i, with_features))[1],
     )
     result = _run(inputs, out, checkpoint, resume=True)
     assert sum(calls) == 2  # only the two unfinished inputs are predicted again

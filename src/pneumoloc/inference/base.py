@@ -217,12 +217,28 @@ class BasePredictor:
         """
         if len(images) != len(original_shapes):
             raise ValueError("images and original_shapes differ in length")
-        feats: np.ndarray | None = None
+        return self.finish(images, self.raw_outputs(images, with_features), original_shapes)
+
+    def raw_outputs(
+        self, images: Any, with_features: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`network_with_features`, or :meth:`network` with None for the features."""
         if with_features:
-            raw_probs, raw_maps, pixels, feats = self.network_with_features(images)
-            probs, maps = self._after_network(raw_probs, raw_maps, pixels)
-        else:
-            probs, maps = self.heatmaps(images)
+            return self.network_with_features(images)
+        return (*self.network(images), None)
+
+    def finish(
+        self,
+        images: np.ndarray,
+        raw: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None],
+        original_shapes: Sequence[tuple[int, int]],
+    ) -> list[Prediction]:
+        """Everything after the network (calibration, refinement, lung mask, boxes) for what
+        :meth:`network_with_features` returned on ``images``; any slice of a batch can be
+        finished on its own, with the same result (``predict`` finishes image by image in its
+        worker threads while the network runs the next batch)."""
+        raw_probs, raw_maps, pixels, feats = raw
+        probs, maps = self._after_network(raw_probs, raw_maps, pixels)
         shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
         all_boxes = self.draw_boxes(images, probs, maps, shapes)
         return [

@@ -154,49 +154,45 @@ class _Batcher:
         self._bar.update(1)
 
     def _flush(self) -> None:
+        """The network on the queued batch here; the rest (post-processing, the input check,
+        writing) per image in the pool, while the next batch is decoded and run."""
         if not self._batch:
             return
-        batch = self._batch
+        batch = list(self._batch)
+        self._batch.clear()
         stack = np.stack([r.pixels for _, r in batch if r.pixels is not None])
-        check = self._check
-        preds = self._predictor.predict_arrays(
-            stack, [r.original_shape for _, r in batch], with_features=check is not None
-        )
-        verdicts = (
-            check.check_batch(stack, [p.features for p in preds], [r.tags for _, r in batch])
-            if check is not None
-            else [None] * len(preds)
-        )
-        for (i, r), pred, verdict in zip(batch, preds, verdicts, strict=True):
-            if verdict is not None and not verdict.accepted:
-                logger.warning("%s: refused: %s", self._files[i].source, verdict.reason)
-                job = self._pool.submit(
-                    _write_refused,
-                    self._out,
-                    self._ids[i],
-                    self._files[i],
-                    verdict,
-                    r,
-                    self._predictor,
-                )
-                self._writes.append((i, job))
-                continue
-            job = self._pool.submit(
-                _write_outputs,
-                self._out,
-                self._ids[i],
-                self._files[i],
-                pred,
-                r,
-                self._predictor,
-                self._overlays,
-                self._dicom_out,
-                verdict,
-            )
+        raw = self._predictor.raw_outputs(stack, with_features=self._check is not None)
+        for k, (i, r) in enumerate(batch):
+            part = tuple(None if a is None else a[k : k + 1] for a in raw)
+            job = self._pool.submit(self._finish_one, i, r, stack[k : k + 1], part)
             self._writes.append((i, job))
-            while len(self._writes) > 2 * max(self._n_workers, 1):
+            while len(self._writes) > 2 * max(self._n_workers, 1) + self._batch_size:
                 self._finish(self._writes.popleft())
-        batch.clear()
+
+    def _finish_one(
+        self, i: int, r: ReadResult, image: np.ndarray, raw: tuple[Any, ...]
+    ) -> PredictRow:
+        """One image after the network: its prediction, the input check, its outputs."""
+        pred = self._predictor.finish(image, raw, [r.original_shape])[0]  # type: ignore[arg-type]
+        verdict = None
+        if self._check is not None:
+            verdict = self._check.check(image[0], features=pred.features, tags=r.tags)
+            if not verdict.accepted:
+                logger.warning("%s: refused: %s", self._files[i].source, verdict.reason)
+                return _write_refused(
+                    self._out, self._ids[i], self._files[i], verdict, r, self._predictor
+                )
+        return _write_outputs(
+            self._out,
+            self._ids[i],
+            self._files[i],
+            pred,
+            r,
+            self._predictor,
+            self._overlays,
+            self._dicom_out,
+            verdict,
+        )
 
 
 def predict_all(

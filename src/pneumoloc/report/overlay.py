@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +53,6 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _colour_heatmap(heatmap01: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(RGB float in [0, 1], heat in [0, 1]) of the heatmap resized to ``shape`` (H, W)."""
-    from matplotlib import colormaps
-
     hm = np.nan_to_num(np.asarray(heatmap01, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     if hm.ndim != 2 or hm.size == 0:
         raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {hm.shape}")
@@ -63,8 +62,23 @@ def _colour_heatmap(heatmap01: np.ndarray, shape: tuple[int, int]) -> tuple[np.n
             (shape[1], shape[0]), Image.Resampling.BILINEAR
         )
         hm = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-    rgb = colormaps[_HEATMAP_CMAP](hm)[..., :3].astype(np.float32)
-    return rgb, hm
+    # matplotlib's colormap call, as a look-up: its float path is ``lut[int(x * N)]`` (x == 1
+    # maps to N - 1), here without the (H, W, 4) float64 array it builds (several ms a picture).
+    lut = _heatmap_lut()
+    index = hm * np.float32(len(lut))
+    index[index == len(lut)] = len(lut) - 1
+    return np.take(lut, index.astype(np.intp), axis=0), hm
+
+
+@lru_cache(maxsize=1)
+def _heatmap_lut() -> np.ndarray:
+    """The heatmap colormap's table, RGB float32 (N, 3)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps[_HEATMAP_CMAP]
+    table: np.ndarray = cmap(np.arange(cmap.N))[:, :3].astype(np.float32)
+    table.setflags(write=False)
+    return table
 
 
 def render_overlay(
@@ -121,12 +135,22 @@ def render_overlay(
     base = Image.fromarray(grey)
     if (out_h, out_w) != (h, w):
         base = base.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    rgb = np.repeat(np.asarray(base, dtype=np.float32)[..., None] / 255.0, 3, axis=2)
+    # The same float32 operations as ``(1 - w) * grey + w * colours``, in place and with the
+    # grey channel broadcast rather than copied three times (the overlay is on predict's path).
+    grey01 = np.asarray(base, dtype=np.float32)[..., None] / 255.0
     if heatmap01 is not None and alpha > 0:
         colours, heat = _colour_heatmap(heatmap01, (out_h, out_w))
         weight = (alpha * heat)[..., None]
-        rgb = (1.0 - weight) * rgb + weight * colours
-    picture = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+        colours *= weight
+        grey01 *= 1.0 - weight
+        rgb = colours
+        rgb += grey01
+    else:
+        rgb = np.repeat(grey01, 3, axis=2)
+    rgb *= 255.0
+    rgb += 0.5
+    np.clip(rgb, 0, 255, out=rgb)
+    picture = Image.fromarray(rgb.astype(np.uint8), mode="RGB")
 
     bh, bw = box_shape if box_shape is not None else (h, w)
     if bh <= 0 or bw <= 0:
