@@ -364,3 +364,44 @@ def test_cli_evaluate_localisation_options(trained: tuple[Path, Path], tmp_path:
     prov = json.loads((out / "metrics.json").read_text())["provenance"]
     assert prov["refine"] == "randomwalk" and prov["cam_layers"] == "stages"
     assert prov["box_gate"] == "f1" and prov["box_threshold"] >= prov["threshold"]
+
+
+def test_evaluate_runs_the_onnx_twin_with_the_same_results(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """With an ONNX twin of the checkpoint, evaluate runs its network with ONNX Runtime and
+    reports the same numbers (float32 rounding apart) and the same provenance but the backend;
+    a twin of other weights is not used."""
+    from pneumoloc.export import export_onnx
+
+    cache, best = trained
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(best, ckpt)
+    before = evaluate(ckpt, cache, out=tmp_path / "torch", progress=False)
+    export_onnx(ckpt, tmp_path / "model.onnx")
+    after = evaluate(ckpt, cache, out=tmp_path / "onnx", progress=False)
+    assert (before["provenance"]["backend"], after["provenance"]["backend"]) == ("torch", "onnx")
+    c0, c1 = before["classification"], after["classification"]
+    assert c1["auroc"] == pytest.approx(c0["auroc"], abs=1e-9)
+    assert c1["n"] == c0["n"] and c1["brier"] == pytest.approx(c0["brier"], abs=1e-6)
+    l0, l1 = before["localisation"], after["localisation"]
+    assert l1["rsna_map"] == pytest.approx(l0["rsna_map"], abs=1e-6)
+    _assert_close(l1["vs_anatomy"], l0["vs_anatomy"])  # anatomy baselines, label-gated
+    for key in ("model_id", "threshold", "checkpoint_pneumoloc_version", "split"):
+        assert after["provenance"][key] == before["provenance"][key]
+
+
+def _assert_close(a: object, b: object, tol: float = 1e-6) -> None:
+    """Equal structure; numbers within ``tol``; everything else equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_close(a[key], b[key], tol)
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_close(x, y, tol)
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=tol, nan_ok=True)
+    else:
+        assert a == b

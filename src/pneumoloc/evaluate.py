@@ -26,7 +26,8 @@ from pneumoloc import DISCLAIMER, __version__
 from pneumoloc.data.cache import Cache, resolve_cache
 from pneumoloc.data.records import safe_name
 from pneumoloc.errors import ConfigError, DataError
-from pneumoloc.inference import Predictor
+from pneumoloc.inference import BasePredictor, Predictor
+from pneumoloc.inference.loading import onnx_equivalent
 from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes, cam_to_boxes_batch
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class EvalPredictions:
             needed (images with truth boxes or label 1, or predicted positive); otherwise None.
         gts: Ground-truth boxes (original pixels) per image; empty without boxes.
         shapes: (N, 2) original (height, width).
+        lung_masks: The lung masks the predictor used (bit-packed, None where none was found),
+            or None when its recipe uses none (then whoever needs them computes them).
+        mask_shape: (H, W) of the masks (the model's input size).
     """
 
     rows: np.ndarray
@@ -81,13 +85,24 @@ class EvalPredictions:
     heatmaps: list[np.ndarray | None]
     gts: list[np.ndarray]
     shapes: np.ndarray
+    lung_masks: list[np.ndarray | None] | None = None
+    mask_shape: tuple[int, int] = (0, 0)
+
+    def lung_mask(self, i: int) -> np.ndarray | None:
+        """Image ``i``'s lung mask as the predictor computed it (requires ``lung_masks``)."""
+        assert self.lung_masks is not None
+        packed = self.lung_masks[i]
+        if packed is None:
+            return None
+        h, w = self.mask_shape
+        return np.unpackbits(packed, count=h * w).astype(bool).reshape(h, w)
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
 def predict_split(
-    predictor: Predictor,
+    predictor: BasePredictor,
     cache: Cache,
     rows: np.ndarray,
     *,
@@ -104,6 +119,7 @@ def predict_split(
     probs = np.zeros(len(rows), np.float64)
     boxes: list[ScoredBoxes] = []
     heatmaps: list[np.ndarray | None] = []
+    masks: list[np.ndarray | None] | None = [] if predictor.lung_mask else None
     step = max(1, predictor.batch_size)
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(rows), step):
@@ -118,6 +134,9 @@ def predict_split(
                 boxes.append(pred.boxes)
                 keep = pred.positive or labels[i] == 1 or len(gts[i]) > 0
                 heatmaps.append(pred.heatmap.astype(np.float16) if keep else None)
+                if masks is not None:
+                    mask = pred.lung_mask
+                    masks.append(None if mask is None else np.packbits(mask.ravel()))
             bar.update(len(batch))
     return EvalPredictions(
         rows=rows,
@@ -127,6 +146,8 @@ def predict_split(
         heatmaps=heatmaps,
         gts=gts,
         shapes=shapes,
+        lung_masks=masks,
+        mask_shape=(predictor.image_size, predictor.image_size),
     )
 
 
@@ -210,7 +231,7 @@ def _checked_split(split: str, tune: bool) -> None:
 
 
 def _resolve_box_config(
-    predictor: Predictor, box_config: BoxConfig | Mapping[str, Any] | None
+    predictor: BasePredictor, box_config: BoxConfig | Mapping[str, Any] | None
 ) -> BoxConfig:
     if box_config is None:
         return predictor.box_config
@@ -292,7 +313,7 @@ def _table_column(cache: Cache, column: str, rows: np.ndarray) -> np.ndarray | N
     return cache.table[column].fillna("").astype(str).to_numpy()[rows]
 
 
-def _localisation(preds: EvalPredictions, predictor: Predictor, cache: Cache) -> dict[str, Any]:
+def _localisation(preds: EvalPredictions, predictor: BasePredictor, cache: Cache) -> dict[str, Any]:
     from pneumoloc.localise.lungs import estimate_lung_mask
     from pneumoloc.metrics import localisation_metrics, max_box_acc, pointing_game
     from pneumoloc.metrics.anatomy import anatomy_comparison
@@ -313,7 +334,12 @@ def _localisation(preds: EvalPredictions, predictor: Predictor, cache: Cache) ->
     out["max_box_acc_curve"] = curve
     out["n_predicted_boxes"] = int(sum(len(b) for b in preds.boxes))
     # The anatomy baselines and label-gated figures, on the same images (issue 13).
-    masks = [estimate_lung_mask(np.asarray(cache.images[r])) for r in preds.rows]
+    # The predictor's own masks when its recipe used them (the same function of the same
+    # pixels), else computed here.
+    if preds.lung_masks is not None:
+        masks = [preds.lung_mask(i) for i in range(len(preds))]
+    else:
+        masks = [estimate_lung_mask(np.asarray(cache.images[r])) for r in preds.rows]
     out["vs_anatomy"] = anatomy_comparison(
         heatmaps=preds.heatmaps,
         probs=preds.probs,
@@ -537,11 +563,15 @@ def evaluate(
         kwargs["box_gate"] = box_gate
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)
+    predictor: BasePredictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)
     predictor.recipe = predictor.recipe.replace(
         box_config=_resolve_box_config(predictor, box_config)
     )
     trained_size = predictor.image_size
+    if image_size is None or image_size == trained_size:
+        # The same model, metadata and recipe, its network run by ONNX Runtime on a CPU when
+        # the checkpoint has an ONNX twin exported from it (about 4x faster here).
+        predictor = onnx_equivalent(predictor, checkpoint) or predictor
     if image_size is not None and image_size != trained_size:
         logger.warning(
             "running the model at %d px although it was trained at %d px; its decision "
@@ -616,7 +646,7 @@ def evaluate(
 
 
 def _provenance(
-    predictor: Predictor,
+    predictor: BasePredictor,
     cache: Cache,
     checkpoint: str | Path | None,
     split: str,
@@ -665,6 +695,7 @@ def _provenance(
         "n_missing_labelled": int(cache.manifest.get("n_missing_labelled", 0)),
         "checkpoint": predictor.meta.get("checkpoint_path", str(checkpoint)),
         "model_id": predictor.model_id,
+        "backend": predictor.backend,
         "model": predictor.meta.get("model"),
         "image_size": predictor.image_size,
         "trained_image_size": trained_size,

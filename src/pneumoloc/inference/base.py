@@ -24,7 +24,7 @@ from pneumoloc.inference.recipe import InferenceRecipe
 from pneumoloc.io import XrayImage
 from pneumoloc.io.preprocess import resize_square
 from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes, cam_to_boxes
-from pneumoloc.localise.lungs import restrict_to_lungs
+from pneumoloc.localise.lungs import estimate_lung_mask, restrict_to_lungs
 from pneumoloc.localise.refine import refine_heatmaps
 
 logger = logging.getLogger(__name__)
@@ -187,9 +187,16 @@ class BasePredictor:
     def _after_network(
         self, probs: np.ndarray, maps: np.ndarray, pixels: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        probs, maps, _ = self._after_network_with_masks(probs, maps, pixels)
+        return probs, maps
+
+    def _after_network_with_masks(
+        self, probs: np.ndarray, maps: np.ndarray, pixels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
         if len(probs) == 0:
-            return probs, maps
-        return apply_temperature(probs, self.temperature), self.postprocess(pixels, maps)
+            return probs, maps, []
+        maps, masks = self.postprocess_with_masks(pixels, maps)
+        return apply_temperature(probs, self.temperature), maps, masks
 
     def postprocess(self, images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
         """The heatmap steps every backend shares: refinement, then the lung mask.
@@ -198,10 +205,18 @@ class BasePredictor:
             images: uint8 (B, S, S), the network's inputs.
             heatmaps: float32 (B, S, S) in [0, 1].
         """
+        return self.postprocess_with_masks(images, heatmaps)[0]
+
+    def postprocess_with_masks(
+        self, images: np.ndarray, heatmaps: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """:meth:`postprocess`, and the lung masks it used (None per image without one)."""
         heatmaps = refine_heatmaps(self.refine, images, heatmaps)
+        masks: list[np.ndarray | None] = [None] * len(heatmaps)
         if self.lung_mask:
-            heatmaps = restrict_to_lungs(images, heatmaps)
-        return heatmaps
+            masks = [estimate_lung_mask(image) for image in images]
+            heatmaps = restrict_to_lungs(images, heatmaps, masks)
+        return heatmaps, masks
 
     def predict_arrays(
         self,
@@ -238,7 +253,7 @@ class BasePredictor:
         finished on its own, with the same result (``predict`` finishes image by image in its
         worker threads while the network runs the next batch)."""
         raw_probs, raw_maps, pixels, feats = raw
-        probs, maps = self._after_network(raw_probs, raw_maps, pixels)
+        probs, maps, masks = self._after_network_with_masks(raw_probs, raw_maps, pixels)
         shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
         all_boxes = self.draw_boxes(images, probs, maps, shapes)
         return [
@@ -250,6 +265,7 @@ class BasePredictor:
                 boxes=boxes,
                 original_shape=shape,
                 features=None if feats is None else feats[i],
+                lung_mask=masks[i] if masks else None,
             )
             for i, (p, h, boxes, shape) in enumerate(
                 zip(probs, maps, all_boxes, shapes, strict=True)

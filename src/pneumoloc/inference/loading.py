@@ -31,6 +31,7 @@ __all__ = [
     "choose_backend",
     "default_batch_size",
     "load_predictor",
+    "onnx_equivalent",
     "onnx_twin",
 ]
 
@@ -216,3 +217,47 @@ def load_predictor(
                 f"{exc}; pass a checkpoint with --model PATH (train one with `pneumoloc train`)"
             ) from None
         raise
+
+
+def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredictor | None:
+    """The same predictor with its network run by ONNX Runtime, when that is possible and
+    exactly the same model: a torch :class:`~pneumoloc.inference.torch_backend.Predictor`
+    on the CPU, classic CAM, no test-time augmentation, multi-stage CAM or detector, at its
+    trained size, whose checkpoint has a matching :func:`onnx_twin`. Metadata and recipe
+    (overrides included) are the torch predictor's, so everything after the network and
+    everything reported is unchanged; None otherwise. Used by ``evaluate``.
+    """
+    from pneumoloc.inference.onnx_backend import OnnxPredictor
+
+    if checkpoint is None or str(checkpoint) == DEFAULT_MODEL:
+        checkpoint = base.DEFAULT_WEIGHTS
+    checkpoint = Path(checkpoint)
+    model = getattr(predictor, "model", None)
+    if model is None or getattr(predictor, "detector", None) is not None:
+        return None
+    if getattr(predictor, "members", None) and len(predictor.members) > 1:
+        return None
+    device = next(model.parameters()).device
+    recipe = predictor.recipe
+    if (
+        device.type != "cpu"
+        or recipe.cam_method != "cam"
+        or recipe.tta
+        or recipe.cam_layers not in (None, "final")
+    ):
+        return None
+    twin = onnx_twin(checkpoint)
+    if twin is None:
+        return None
+    opened = _twin_predictor(checkpoint, twin, None, {"batch_size": predictor.batch_size})
+    if not isinstance(opened, OnnxPredictor) or opened.image_size != predictor.image_size:
+        return None
+    meta = dict(predictor.meta)
+    meta["weights_sha256"] = opened.meta.get("weights_sha256", "")
+    return OnnxPredictor(
+        session=opened.session,
+        meta=meta,
+        recipe=recipe,
+        batch_size=predictor.batch_size,
+        threshold_override=predictor.threshold_override,
+    )

@@ -26,6 +26,10 @@ class Prediction:
         features: The classifier's pooled features (C,) of the image, when asked for
             (``predict_arrays(..., with_features=True)``; the input check's evidence), else
             None. Never part of a record.
+        lung_mask: The label-free lung mask the heatmap was restricted to (bool (S, S)),
+            when the recipe uses one and lungs were found, else None; kept so that callers
+            needing it (``evaluate``'s anatomy baselines) do not compute it again. Never part
+            of a record.
     """
 
     probability: float
@@ -35,6 +39,7 @@ class Prediction:
     boxes: ScoredBoxes
     original_shape: tuple[int, int]
     features: np.ndarray | None = field(default=None, repr=False, compare=False)
+    lung_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (no heatmap)."""

@@ -146,19 +146,25 @@ def estimate_lung_mask(
     return np.asarray(mask, dtype=bool)
 
 
-def restrict_to_lungs(images: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+def restrict_to_lungs(
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    masks: list[np.ndarray | None] | None = None,
+) -> np.ndarray:
     """Zero each heatmap outside its image's lung mask and rescale it to a peak of 1.
 
     Args:
         images: uint8 (B, H, W), the model's inputs.
         heatmaps: (B, H, W) heatmaps in [0, 1] at the same size.
+        masks: The images' :func:`estimate_lung_mask` when already computed (else computed).
 
     Returns:
         A new array; a heatmap whose image has no detectable lungs is left as it was.
     """
     out = np.array(heatmaps, copy=True)
-    for i, image in enumerate(images):
-        mask = estimate_lung_mask(image)
+    if masks is None:
+        masks = [estimate_lung_mask(image) for image in images]
+    for i, mask in enumerate(masks):
         if mask is None or mask.shape != out[i].shape:
             continue
         out[i] = np.where(mask, out[i], 0.0)
