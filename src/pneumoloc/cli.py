@@ -851,6 +851,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="write an int8 copy of an exported ONNX model and measure its parity",
+        description="Post-training static int8 quantisation with ONNX Runtime, calibrated on "
+        "the data's training split; parity with float32 is measured on its validation split, "
+        "printed and stored in the file. Run the result with --backend onnx --model FILE "
+        "(never chosen by --backend auto).",
+    )
+    p.add_argument("onnx", type=Path, help="a file written by `pneumoloc export --onnx`")
+    p.add_argument("--data", required=True, help="cache or data folder (train: calibration)")
+    p.add_argument("--out", type=Path, required=True, help="the int8 .onnx file to write")
+    p.add_argument("--n-calibration", type=int, default=256)
+    p.add_argument("--n-parity", type=int, default=256)
+    p.set_defaults(handler=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pneumoloc.quantize import quantize_onnx
+
+    r = quantize_onnx(
+        args.onnx,
+        args.out,
+        args.data,
+        n_calibration=args.n_calibration,
+        n_parity=args.n_parity,
+    )
+    print(
+        f"wrote {r.path}: int8 vs float32 on {r.n_parity} held-out images: probability max "
+        f"|diff| {r.max_abs_diff_probability:.4f} (mean {r.mean_abs_diff_probability:.4f}), "
+        f"heatmap max |diff| {r.max_abs_diff_heatmap:.4f}, {r.decisions_changed} decision(s) "
+        "changed"
+    )
+    return 0
+
+
 def _add_calibrate_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "calibrate",
@@ -983,6 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
+    _add_quantize_parser(sub)
     _add_listen_parser(sub)
     return parser
 

@@ -105,6 +105,9 @@ def _twin_predictor(
         logger.warning("%s; running %s with PyTorch", exc, checkpoint)
         return None
     meta = predictor.meta
+    if meta.get("quantization"):
+        logger.warning("%s is an int8 copy; running %s with PyTorch", twin, checkpoint)
+        return None
     if meta.get("checkpoint_sha256") != file_sha256(checkpoint):
         logger.warning(
             "%s was not exported from %s as it is now; running it with PyTorch (re-export: "

@@ -160,8 +160,9 @@ class OnnxPredictor(BasePredictor):
         meta["checkpoint_sha256"] = props.get(META_KEYS["checkpoint_sha256"], "")
         try:
             meta["source_recipe"] = json.loads(props.get(META_KEYS["source_recipe"], "{}"))
+            meta["quantization"] = json.loads(props.get("pneumoloc.quantization", "null"))
         except ValueError:
-            meta["source_recipe"] = {}
+            meta["source_recipe"], meta["quantization"] = {}, None
         # The file's metadata holds only settings this backend runs (cam_method is "cam").
         return cls(session=session, meta=meta, **split_settings(meta, kwargs, cam_method="cam"))
 
