@@ -234,6 +234,50 @@ def bench_evaluate(src: Path, cache: Path, rsna: Path) -> dict[str, Any]:
     }
 
 
+_INT8_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from pneumoloc.data.cache import resolve_cache
+from pneumoloc.inference.onnx_backend import OnnxPredictor
+from pneumoloc.quantize import quantize_onnx
+rsna, out = sys.argv[1], sys.argv[2]
+fp32_path = "src/pneumoloc/weights/default.onnx"
+fp32 = OnnxPredictor.from_onnx(fp32_path, threads=1, lung_mask=False, refine=None, batch_size=8)
+cache = resolve_cache(rsna, size=fp32.image_size, progress=False)
+q = quantize_onnx(fp32_path, out, cache.root)
+int8 = OnnxPredictor.from_onnx(out, threads=1, lung_mask=False, refine=None, batch_size=8)
+images = np.asarray(cache.images[:])
+test = np.sort(cache.split.part("test"))
+res = {"n_images": len(images), "n_test": len(test), "quantize": q.__dict__ | {"path": str(q.path)}}
+for name, pred in (("fp32", fp32), ("int8", int8)):
+    pred.network(images[:8])
+    t = time.perf_counter()
+    probs = pred.network(images)[0]
+    res[name + "_ms_per_image_1_thread"] = 1000 * (time.perf_counter() - t) / len(images)
+    res[name + "_probs"] = probs
+p8, p32 = res.pop("int8_probs"), res.pop("fp32_probs")
+d = np.abs(p8 - p32)
+res["decisions_changed_all"] = int(((p8 >= fp32.threshold) != (p32 >= fp32.threshold)).sum())
+res["max_abs_diff_probability_all"] = float(d.max())
+res["mean_abs_diff_probability_all"] = float(d.mean())
+res["max_abs_diff_probability_test"] = float(d[test].max())
+res["speedup"] = res["fp32_ms_per_image_1_thread"] / res["int8_ms_per_image_1_thread"]
+print(json.dumps(res))
+"""
+
+
+def bench_int8(src: Path, cache: Path, rsna: Path) -> dict[str, Any]:
+    env = _env(src, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "default.int8.onnx")
+        cmd = [sys.executable, "-c", _INT8_SCRIPT, str(rsna), out]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -244,7 +288,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs of the one-file predict")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--only", default="one,folder,serve,evaluate")
+    parser.add_argument("--only", default="one,folder,serve,evaluate,int8")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -280,11 +324,14 @@ def main() -> None:
             ("folder_no_overlays", lambda s, c: bench_folder(s, c, folder, args.n, False)),
             ("serve", lambda s, c: bench_serve(s, c, images[:50], args.clients, args.requests)),
             ("evaluate", lambda s, c: bench_evaluate(s, c, args.rsna)),
+            ("int8", lambda s, c: bench_int8(s, c, args.rsna)),
         ]
         for name, fn in steps:
             if name.split("_")[0] not in only:
                 continue
             for code, src in codes.items():
+                if name == "int8" and code != "new":
+                    continue  # no int8 option before
                 print(f"{name} [{code}] ...", file=sys.stderr, flush=True)
                 try:
                     results.setdefault(name, {})[code] = fn(src, caches[code])
