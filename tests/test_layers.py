@@ -355,3 +355,30 @@ def test_every_folder_of_code_is_a_package() -> None:
         if d.is_dir() and any(d.glob("*.py")) and not (d / "__init__.py").is_file()
     ]
     assert not missing, f"folders of modules without __init__.py: {missing}"
+
+
+def test_predict_on_the_onnx_path_loads_no_torch_detector_or_data_frames(tmp_path: Path) -> None:
+    """``predict`` with ONNX Runtime pays only for what it uses: no torch (nor timm,
+    torchvision's detection ops, torch._dynamo), no scikit-learn, no pandas; matplotlib only
+    for the overlay's colours, which ``--no-overlay`` skips."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import save_untrained_checkpoint
+    from pneumoloc.export import export_onnx
+
+    ckpt = save_untrained_checkpoint(tmp_path / "model.pt", size=64, threshold=0.5)
+    onnx_path = export_onnx(ckpt, tmp_path / "model.onnx").path
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 70), np.uint8)).save(image)
+    for extra, allowed in ((["--no-overlay"], set()), ([], {"matplotlib"})):
+        out = tmp_path / f"out{len(extra)}"
+        args = [str(image), "--out", str(out), "--model", str(onnx_path), "--quiet", *extra]
+        loaded = _loaded_after(
+            f"from pneumoloc.cli import main; assert main(['predict', *{args!r}]) in (0, 3)"
+        )
+        heavy = {"torch", "timm", "torchvision", "sklearn", "pandas", "matplotlib"} - allowed
+        assert not heavy & {m.split(".")[0] for m in loaded}, sorted(
+            heavy & {m.split(".")[0] for m in loaded}
+        )
+        assert (out / "summary.csv").is_file()
