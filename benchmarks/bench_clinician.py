@@ -224,7 +224,7 @@ def bench_evaluate(src: Path, cache: Path, rsna: Path) -> dict[str, Any]:
         n = int(
             metrics.get("provenance", {}).get("n_images") or metrics["classification"].get("n") or 0
         )
-        report = (Path(tmp) / "eval" / "report.html").is_file()
+        report = (Path(tmp) / "eval" / "report" / "index.html").is_file()
     return {
         "wall_s": wall,
         "n_images": n,

@@ -146,7 +146,7 @@ def _cam_kwargs(cam_method: str | None) -> dict[str, Any]:
 
 def load_predictor(
     model: str | Path = "default",
-    backend: str = "torch",
+    backend: str = "auto",
     *,
     device: str = "auto",
     cam_method: str | None = None,
