@@ -1,4 +1,4 @@
-"""Fit the input check's frontal-film layout model (``pneumoloc/weights/frontal_layout.safetensors``).
+"""Fit the input check's frontal-film layout model (``weights/frontal_layout.safetensors``).
 
 Reads prepared caches (``pneumoloc prepare``) of real films, one per source, and learns from
 their TRAINING splits only; their VALIDATION splits set the thresholds (see
