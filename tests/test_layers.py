@@ -44,6 +44,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "submit",
         "predict",
         "export",
+        "quantize",
         "serve",
         "listen",
     ),
