@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import itertools
 import re
 import threading
@@ -31,10 +30,11 @@ _HEATMAP_CMAP = "inferno"  # the colour map of every pneumoloc overlay (report/o
 
 
 def _png_b64(image: Image.Image) -> str:
-    # Level 1: a 768 px X-ray encodes in ~20 ms instead of ~100 ms (level 6) for ~15% more bytes.
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    # zlib level 1 and one row filter (pneumoloc.io.png): about half the time of Pillow's
+    # encoder at level 1 for the same size; lossless either way.
+    from pneumoloc.io.png import encode_png
+
+    return base64.b64encode(encode_png(np.asarray(image))).decode("ascii")
 
 
 def _heatmap_rgba(heatmap: np.ndarray) -> Image.Image:
