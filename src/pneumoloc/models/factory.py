@@ -11,7 +11,7 @@ from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.models.classifier import CamClassifier
 from pneumoloc.models.imagenet import INPUT_STD, OFFLINE_IMAGENET, offline_imagenet_weights
 from pneumoloc.models.pretrained import load_pretrained_backbone
-from pneumoloc.models.pyramid import DECODERS, PyramidBackbone
+from pneumoloc.models.pyramid import DECODER_ALIGNS, DECODERS, PyramidBackbone
 from pneumoloc.models.smallcamnet import build_smallcamnet
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,12 @@ def build_model(
         pool: Spatial pooling of the CAM: "avg", "lse", "topk", "max" or "attention".
         decoder: None (the backbone's last feature map), or "pylon": a pyramid decoder over
             the stride-8/16/32 stages (``pneumoloc.models.pyramid``) gives the CAM stride 8.
-            timm CNNs only; not with ``output_stride``.
+            timm CNNs only; not with ``output_stride``. Its ``decoder_align`` keyword (in
+            ``extra`` or ``kwargs``): "grid" (default; levels resampled by where their cells
+            look) or "corners" (``align_corners=True``, the decoder before issue 13's planted
+            test; spec kwargs of those models lack the key and must be given "corners" to
+            rebuild them exactly). ``decoder_drop`` (default 0): top-down drop in training,
+            ``pneumoloc.models.pyramid.PyramidBackbone``.
         kwargs: Keyword arguments as stored in ``spec["kwargs"]``; merged with ``extra``.
         **extra: Passed on to ``timm.create_model`` (e.g. ``drop_path_rate``).
 
@@ -73,6 +78,8 @@ def build_model(
     output_stride = options.pop("output_stride", output_stride)
     pool = options.pop("pool", pool)
     decoder = options.pop("decoder", decoder)
+    decoder_align = options.pop("decoder_align", "grid")
+    decoder_drop = float(options.pop("decoder_drop", 0.0))
     if decoder is not None and decoder not in DECODERS:
         raise ConfigError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)} or None")
     if decoder is not None and (name in MODELS or output_stride not in (None, 32)):
@@ -80,6 +87,8 @@ def build_model(
             f"decoder {decoder!r} needs a timm CNN at its own stride (got model {name!r}, "
             f"output_stride={output_stride})"
         )
+    if decoder_align not in DECODER_ALIGNS:
+        raise ConfigError(f"decoder_align must be one of {DECODER_ALIGNS}, got {decoder_align!r}")
     if output_stride is not None and output_stride not in (4, 8, 16, 32):
         raise ConfigError(f"output_stride must be 8, 16 or 32 (or unset), got {output_stride}")
     use_imagenet = isinstance(pretrained, str) and pretrained == IMAGENET
@@ -97,7 +106,12 @@ def build_model(
         # Weights go into the timm model itself, before a decoder prunes its head.
         init = _load_backbone_weights(backbone, name, pretrained, offline, use_imagenet)
         if decoder is not None:
-            backbone = PyramidBackbone(backbone)
+            backbone = PyramidBackbone(
+                backbone,
+                align=decoder_align,
+                drop=decoder_drop,
+                in_chans=int(options.get("in_chans", 1)),
+            )
             channels = backbone.num_features
         else:
             channels = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
@@ -113,6 +127,8 @@ def build_model(
     }
     if decoder is not None:  # absent for older specs, which therefore rebuild unchanged
         kwargs_out["decoder"] = decoder
+        kwargs_out["decoder_align"] = decoder_align
+        kwargs_out["decoder_drop"] = decoder_drop
     model.spec = {"name": name, "kwargs": kwargs_out}
     return model
 
