@@ -47,6 +47,7 @@ def blobs(
 # cold map) is about 0.07-0.15 of the peak, so boxes come out ~1.5x too wide (IoU 0.36-0.5,
 # see test_notebook_rule_default_threshold).
 RULE_CONFIGS = {
+    "multi": BoxConfig(rule="multi"),
     "notebook": BoxConfig(rule="notebook", notebook_std=2.0),
     "otsu": BoxConfig(rule="otsu"),
     "peak": BoxConfig(rule="peak"),
@@ -263,3 +264,80 @@ def test_smoothing_merges_a_grid_of_peaks_into_one_box() -> None:
 def test_smoothing_fraction_is_validated() -> None:
     with pytest.raises(ConfigError, match="smooth_fraction"):
         BoxConfig(smooth_fraction=0.7)
+
+
+# --- the "multi" rule (issue 13): several thresholds, one box per mode, confidences per box ----
+
+
+def test_multi_finds_two_blobs_of_different_strength_on_a_ramp() -> None:
+    """A strong and a weak blob (amplitudes 1.0 and 0.5, different sizes) on a background ramp:
+    both come back, strong first, each box close to its blob's 1.5-sigma box."""
+    ramp = np.linspace(0.0, 0.25, SIZE)[None, :] * np.ones((SIZE, 1))
+    strong, weak = (40.0, 40.0, 6.0), (88.0, 92.0, 9.0)  # (row, col, sigma)
+    hm = ramp + gaussian(SIZE, *strong[:2], strong[2]) + gaussian(SIZE, *weak[:2], weak[2], 0.5)
+    hm += 0.02 * np.random.default_rng(3).random((SIZE, SIZE))
+    out = cam_to_boxes(hm, 0.9, threshold=0.5, config=BoxConfig(rule="multi", max_boxes=3))
+    assert len(out) == 2  # two modes: no third box although max_boxes is 3
+    truth = np.stack([planted_box(*strong[:2], strong[2]), planted_box(*weak[:2], weak[2])])
+    ious = iou_matrix(truth, out.boxes)
+    assert ious[0, 0] >= 0.5 and ious[1, 1] >= 0.5, ious
+    assert out.scores[0] > out.scores[1] > 0.0
+    assert out.scores[0] <= 0.9  # probability x mean x coverage
+    # the one-threshold rule at half the peak cuts the weak blob to a box far inside its own
+    peak = cam_to_boxes(hm, 0.9, threshold=0.5, config=BoxConfig(rule="peak", max_boxes=3))
+    weak_peak = iou_matrix(truth[1:], peak.boxes)[0].max()
+    assert weak_peak < ious[1, 1], (weak_peak, ious[1, 1])
+
+
+def test_multi_gives_one_box_for_a_flat_topped_map() -> None:
+    """A plateau with soft edges has one mode: one box, around the plateau, confidence =
+    probability x mean over the box's component (coverage 1 at the lowest threshold)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    r = np.hypot(yy - 70, xx - 50)
+    hm = np.clip((22.0 - r) / 3.0, 0.0, 1.0) + 0.005 * np.random.default_rng(4).random(r.shape)
+    out = cam_to_boxes(hm, 0.8, threshold=0.5, config=BoxConfig(rule="multi", max_boxes=3))
+    assert len(out) == 1
+    plateau = np.array([28.0, 48.0, 44.0, 44.0])  # the disc of radius 22 at (row 70, col 50)
+    assert iou_matrix(plateau, out.boxes)[0, 0] >= 0.8, out.boxes
+    assert 0.7 < out.scores[0] <= 0.8
+
+
+def test_multi_keeps_two_modes_that_merge_at_the_lowest_threshold() -> None:
+    """Two close blobs joined at 0.3 of the peak but apart at 0.5: the merged component holds
+    two modes, so it is no candidate; each blob gets its own box."""
+    hm = blobs([(60.0, 44.0), (60.0, 66.0)], amps=[1.0, 0.9])
+    merged = cam_to_boxes(hm, 0.9, threshold=0.5, config=BoxConfig(rule="peak", peak_fraction=0.3))
+    assert len(merged) == 1  # one component at the lowest threshold
+    out = cam_to_boxes(hm, 0.9, threshold=0.5, config=BoxConfig(rule="multi"))
+    assert len(out) == 2
+    assert np.all(iou_matrix(out.boxes[:1], out.boxes[1:]) == 0.0)
+    assert out.boxes[0, 0] < out.boxes[1, 0]  # the stronger (left) blob first
+
+
+def test_multi_box_grows_with_a_wide_mode_and_shrinks_with_a_peaked_one() -> None:
+    """The threshold is chosen per mode from the map: a Gaussian's box is its ~1.5-sigma box
+    whatever its width, so two widths give two sizes (a fixed threshold gives them too, but
+    here no setting was tuned)."""
+    sizes = []
+    for sigma in (4.0, 10.0):
+        hm = gaussian(SIZE, 64.0, 64.0, sigma)
+        out = cam_to_boxes(hm, 1.0, threshold=0.5, config=BoxConfig(rule="multi", closing=0))
+        assert len(out) == 1
+        assert iou_matrix(planted_box(64.0, 64.0, sigma), out.boxes)[0, 0] >= 0.6
+        sizes.append(out.boxes[0, 2])
+    assert sizes[1] > 2 * sizes[0]
+
+
+def test_multi_fractions_are_validated_and_survive_json() -> None:
+    import json
+
+    from pneumoloc.inference.recipe import InferenceRecipe
+
+    config = BoxConfig(rule="multi", multi_fractions=[0.7, 0.2, 0.45])
+    assert config.multi_fractions == (0.2, 0.45, 0.7)  # sorted, a tuple (hashable)
+    recipe = InferenceRecipe(box_config=config)
+    back = InferenceRecipe.from_meta(json.loads(json.dumps(recipe.to_meta())))
+    assert back.box_config == config
+    for bad in ([], [0.0, 0.5], [0.5, 0.5], [1.2], ["x"]):
+        with pytest.raises(ConfigError, match="multi_fractions"):
+            BoxConfig(rule="multi", multi_fractions=bad)

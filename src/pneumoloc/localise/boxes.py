@@ -15,6 +15,9 @@ Pipeline for one image:
 6. Bounding box of each component, optional padding, scaling to the original image's pixels,
    greedy non-maximum suppression, keep the ``max_boxes`` best.
 
+The ``"multi"`` rule replaces steps 3 to 5: components at several thresholds, one box per mode
+of the map, each mode's threshold chosen from the map (:mod:`pneumoloc.localise.multithreshold`).
+
 Boxes are ``(x, y, width, height)`` in pixels like the RSNA labels; a component covering pixel
 columns ``c0 .. c1`` gives ``x = c0, width = c1 - c0 + 1`` in heatmap pixels.
 """
@@ -29,7 +32,9 @@ import numpy as np
 from scipy import ndimage
 
 from pneumoloc.errors import ConfigError
+from pneumoloc.localise.components import close_mask, label_components
 from pneumoloc.localise.geometry import min_max, nms, otsu_threshold, xyxy_to_xywh
+from pneumoloc.localise.multithreshold import multi_threshold_boxes
 
 __all__ = [
     "BOX_RULES",
@@ -41,15 +46,13 @@ __all__ = [
     "nms",
 ]
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
 
 @dataclass(frozen=True)
 class BoxConfig:
     """How a heatmap becomes boxes. Validated on creation (:class:`ConfigError`).
 
     Attributes:
-        rule: Key of :data:`BOX_RULES`: ``"notebook"``, ``"peak"`` or ``"otsu"``.
+        rule: Key of :data:`BOX_RULES`: ``"notebook"``, ``"peak"``, ``"otsu"`` or ``"multi"``.
         peak_fraction: ``"peak"`` keeps pixels ``>= peak_fraction * max`` of the normalised map.
         notebook_std: ``"notebook"`` keeps pixels ``> mean + notebook_std * std``.
         closing: Side of the square structuring element of the binary closing; 0 disables it.
@@ -63,6 +66,8 @@ class BoxConfig:
             fraction of its side (0 = none); evens out the grid pattern of dilated backbones.
         split_midline: Cut components at the vertical midline of the image into left and right
             parts.
+        multi_fractions: ``"multi"`` thresholds the map at each of these fractions of its
+            maximum (sorted on creation; a list, as JSON gives it back, becomes a tuple).
     """
 
     rule: str = "peak"
@@ -75,8 +80,16 @@ class BoxConfig:
     pad_fraction: float = 0.0
     split_midline: bool = False
     smooth_fraction: float = 0.0
+    multi_fractions: tuple[float, ...] = (0.3, 0.5, 0.7)
 
     def __post_init__(self) -> None:
+        try:
+            fractions = tuple(sorted(float(f) for f in self.multi_fractions))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"BoxConfig: multi_fractions must be numbers, got {self.multi_fractions!r}"
+            ) from None
+        object.__setattr__(self, "multi_fractions", fractions)
         if self.rule not in BOX_RULES:
             raise ConfigError(
                 f"box rule {self.rule!r} is unknown; valid rules: {', '.join(sorted(BOX_RULES))}"
@@ -90,6 +103,12 @@ class BoxConfig:
             (0.0 <= self.nms_iou <= 1.0, "nms_iou must be in [0, 1]"),
             (self.pad_fraction > -1.0, "pad_fraction must be > -1"),
             (0.0 <= self.smooth_fraction < 0.5, "smooth_fraction must be in [0, 0.5)"),
+            (
+                len(fractions) > 0
+                and len(set(fractions)) == len(fractions)
+                and all(0.0 < f <= 1.0 for f in fractions),
+                "multi_fractions must be distinct values in (0, 1]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,8 +149,15 @@ def _rule_otsu(heatmap: np.ndarray, config: BoxConfig) -> np.ndarray:
     return heatmap > otsu_threshold(values, bins=256)
 
 
-#: Heatmap (normalised, lung-masked) -> binary mask. Keys are the CLI's choices.
+def _rule_multi(heatmap: np.ndarray, config: BoxConfig) -> np.ndarray:
+    # The mask at the lowest threshold; cam_to_boxes draws "multi" boxes from every threshold.
+    return heatmap >= config.multi_fractions[0] * heatmap.max()
+
+
+#: Heatmap (normalised, lung-masked) -> binary mask. Keys are the CLI's choices. ``"multi"``
+#: gives its lowest-threshold mask here; :func:`cam_to_boxes` uses all its thresholds.
 BOX_RULES: dict[str, Callable[[np.ndarray, BoxConfig], np.ndarray]] = {
+    "multi": _rule_multi,
     "notebook": _rule_notebook,
     "otsu": _rule_otsu,
     "peak": _rule_peak,
@@ -169,27 +195,6 @@ def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return m[np.ix_(rows, cols)]
 
 
-def _close(mask: np.ndarray, size: int) -> np.ndarray:
-    if size <= 1:
-        return mask
-    # Pad first: scipy's erosion treats outside pixels as 0 and would eat components touching
-    # the border.
-    padded = np.pad(mask, size)
-    closed = ndimage.binary_closing(padded, structure=np.ones((size, size), dtype=bool))
-    return closed[size:-size, size:-size]
-
-
-def _label(mask: np.ndarray, split_midline: bool) -> tuple[np.ndarray, int]:
-    if not split_midline:
-        labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        return labels, int(n)
-    mid = mask.shape[1] // 2
-    left, n_left = ndimage.label(mask[:, :mid], structure=_EIGHT_CONNECTED)
-    right, n_right = ndimage.label(mask[:, mid:], structure=_EIGHT_CONNECTED)
-    right = np.where(right > 0, right + n_left, 0)
-    return np.concatenate([left, right], axis=1), int(n_left + n_right)
-
-
 def cam_to_boxes(
     heatmap: np.ndarray,
     probability: float,
@@ -212,8 +217,9 @@ def cam_to_boxes(
             pixels to it and clipped inside it. Default: heatmap pixels.
 
     Returns:
-        The boxes (original pixels) and scores ``probability * mean CAM inside the component``,
-        best first, at most ``config.max_boxes``.
+        The boxes (original pixels) and scores ``probability * mean CAM inside the component``
+        (``"multi"``: ``probability * mean * coverage``), best first, at most
+        ``config.max_boxes``.
 
     Raises:
         ValueError: The heatmap is not 2-D or has NaN/inf; the probability is not in [0, 1];
@@ -237,35 +243,53 @@ def cam_to_boxes(
         norm = np.where(lung, norm, 0.0)
         if norm.max() <= 0.0:
             return ScoredBoxes()
-    mask = np.asarray(BOX_RULES[config.rule](norm, config), dtype=bool)
-    mask = _close(mask, config.closing)
-    if lung is not None:
-        mask &= lung
-    labels, n = _label(mask, config.split_midline)
-    if n == 0:
+    min_area = max(config.min_area_fraction * h * w, 1.0)
+    if config.rule == "multi":
+        box_arr, support = multi_threshold_boxes(
+            norm,
+            fractions=config.multi_fractions,
+            closing=config.closing,
+            lung=lung,
+            split_midline=config.split_midline,
+            min_area=min_area,
+            nms_iou=config.nms_iou,
+            max_boxes=config.max_boxes,
+        )
+    else:
+        box_arr, support = _single_threshold_boxes(norm, config, lung, min_area)
+    if len(box_arr) == 0:
         return ScoredBoxes()
-    index = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(np.ones_like(norm), labels, index)
-    means = ndimage.mean(norm, labels, index)
-    slices = ndimage.find_objects(labels)
-    min_area = config.min_area_fraction * h * w
-    boxes, scores = [], []
-    for k, sl in enumerate(slices):
-        if sl is None or areas[k] < max(min_area, 1.0):
-            continue
-        rows, cols = sl
-        boxes.append((cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start))
-        scores.append(float(probability) * float(means[k]))
-    if not boxes:
-        return ScoredBoxes()
-    box_arr = np.asarray(boxes, dtype=np.float64)
-    score_arr = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    score_arr = np.clip(float(probability) * support, 0.0, 1.0)
     box_arr = _pad(box_arr, config.pad_fraction)
     box_arr = _scale_and_clip(box_arr, (h, w), out_shape or (h, w))
     valid = (box_arr[:, 2] > 0) & (box_arr[:, 3] > 0)
     box_arr, score_arr = box_arr[valid], score_arr[valid]
     keep = nms(box_arr, score_arr, config.nms_iou)[: config.max_boxes]
     return ScoredBoxes(boxes=box_arr[keep], scores=score_arr[keep])
+
+
+def _single_threshold_boxes(
+    norm: np.ndarray, config: BoxConfig, lung: np.ndarray | None, min_area: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 3 to 5 for the one-threshold rules: boxes (heatmap pixels) and mean-CAM support."""
+    mask = np.asarray(BOX_RULES[config.rule](norm, config), dtype=bool)
+    mask = close_mask(mask, config.closing)
+    if lung is not None:
+        mask &= lung
+    labels, n = label_components(mask, config.split_midline)
+    if n == 0:
+        return np.zeros((0, 4)), np.zeros(0)
+    index = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(np.ones_like(norm), labels, index)
+    means = ndimage.mean(norm, labels, index)
+    boxes, support = [], []
+    for k, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None or areas[k] < min_area:
+            continue
+        rows, cols = sl
+        boxes.append((cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start))
+        support.append(float(means[k]))
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(support)
 
 
 def _pad(boxes: np.ndarray, fraction: float) -> np.ndarray:
