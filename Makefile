@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[serve,onnx,pretrained,dev,pacs]'
 	touch $(STAMP)
 
-$(ONNX): $(STAMP) src/pneumoloc/weights/default.pt
+# Re-exported when the checkpoint or the code that defines the graph changes.
+$(ONNX): $(STAMP) src/pneumoloc/weights/default.pt src/pneumoloc/export.py \
+		src/pneumoloc/inference/onnx_backend.py src/pneumoloc/cam/classic.py \
+		$(wildcard src/pneumoloc/models/*.py)
 	$(BIN)/pneumoloc export default --onnx $(ONNX)
 
 install: $(STAMP) $(ONNX)

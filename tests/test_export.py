@@ -242,6 +242,15 @@ def test_auto_backend_runs_the_onnx_twin_only_while_the_checkpoint_is_unchanged(
     assert auto.backend == "onnx" and auto.meta["checkpoint_sha256"] == file_sha256(ckpt)
     # On the GPU, or for a heatmap method the graph lacks, PyTorch runs it.
     assert load_predictor(ckpt, "auto", device="cpu", cam_method="gradcam").backend == "torch"
+    # Code that computes another graph (a revision bump): the twin is not used either.
+    import pneumoloc.inference.onnx_backend as onnx_backend
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_backend, "GRAPH_REVISION", "not-this-one")
+        with caplog.at_level("WARNING"):
+            assert load_predictor(ckpt, "auto", device="cpu").backend == "torch"
+        assert "another graph" in caplog.text
+    assert load_predictor(ckpt, "auto", device="cpu").backend == "onnx"
     # The checkpoint is retrained (other bytes): its stale twin is not used.
     save_model(ckpt, "smallcamnet", seed=1)
     with caplog.at_level("WARNING"):

@@ -86,7 +86,7 @@ def _add_box_options(p: argparse.ArgumentParser, *, scoring: bool) -> None:
     _add_cam_option(p)
     p.add_argument(
         "--box-rule",
-        choices=["peak", "otsu", "notebook"],
+        choices=["peak", "otsu", "notebook", "multi"],
         default=None,
         help="heatmap -> boxes rule (default: the checkpoint's)" if scoring else None,
     )

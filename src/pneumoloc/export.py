@@ -42,6 +42,7 @@ import numpy as np
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference.onnx_backend import (
     FEATURES_NAME,
+    GRAPH_REVISION,
     INPUT_NAME,
     META_KEYS,
     ONNX_FORMAT,
@@ -184,6 +185,7 @@ def _metadata(
         # place only while the checkpoint is unchanged) and what of its recipe the graph
         # cannot run (then the checkpoint runs with PyTorch).
         META_KEYS["checkpoint_sha256"]: checkpoint_sha256,
+        META_KEYS["graph_revision"]: GRAPH_REVISION,
         META_KEYS["source_recipe"]: json.dumps(
             {
                 "cam_method": meta.get("cam_method") or "cam",

@@ -97,7 +97,7 @@ def _twin_predictor(
 ) -> BasePredictor | None:
     """The twin opened with ONNX Runtime when it holds exactly ``checkpoint``'s model and the
     recipe needs nothing the graph lacks; None (PyTorch runs it) otherwise."""
-    from pneumoloc.inference.onnx_backend import OnnxPredictor
+    from pneumoloc.inference.onnx_backend import GRAPH_REVISION, OnnxPredictor
 
     try:
         predictor = OnnxPredictor.from_onnx(twin, threads=threads, **kwargs)
@@ -107,6 +107,18 @@ def _twin_predictor(
     meta = predictor.meta
     if meta.get("quantization"):
         logger.warning("%s is an int8 copy; running %s with PyTorch", twin, checkpoint)
+        return None
+    if meta.get("graph_revision") != GRAPH_REVISION:
+        logger.warning(
+            "%s was exported by code computing another graph (revision %r, now %r); running "
+            "%s with PyTorch (re-export: pneumoloc export %s --onnx %s, or `make`)",
+            twin,
+            meta.get("graph_revision"),
+            GRAPH_REVISION,
+            checkpoint,
+            checkpoint,
+            twin,
+        )
         return None
     if meta.get("checkpoint_sha256") != file_sha256(checkpoint):
         logger.warning(

@@ -21,6 +21,7 @@ from pneumoloc.inference.base import BasePredictor, split_settings
 
 __all__ = [
     "FEATURES_NAME",
+    "GRAPH_REVISION",
     "INPUT_NAME",
     "META_KEYS",
     "ONNX_FORMAT",
@@ -28,6 +29,12 @@ __all__ = [
     "OnnxPredictor",
     "read_onnx_metadata",
 ]
+
+GRAPH_REVISION = "3"
+"""What the exported graph computes, as of this code: bump it with any change of the network or
+heatmap code that changes an exported graph's outputs (CAM upsampling, a decoder's resampling,
+the features output...). ``--backend auto`` runs a checkpoint's ONNX twin in its place only
+when the twin's revision is this one (:func:`pneumoloc.inference.loading.load_predictor`)."""
 
 ONNX_FORMAT = "pneumoloc-cam-onnx/1"
 """Value of the ``pneumoloc.format`` metadata entry of every file :func:`export_onnx` writes."""
@@ -50,6 +57,7 @@ META_KEYS = {
     "exported_by": "pneumoloc.exported_by",
     "weights_sha256": "pneumoloc.weights_sha256",
     "checkpoint_sha256": "pneumoloc.checkpoint_sha256",
+    "graph_revision": "pneumoloc.graph_revision",
     "source_recipe": "pneumoloc.source_recipe",
 }
 """``metadata_props`` keys. ``pneumoloc.meta`` is the JSON of the checkpoint metadata that
@@ -158,6 +166,7 @@ class OnnxPredictor(BasePredictor):
         meta["checkpoint_path"] = str(path)
         meta["weights_sha256"] = props.get(META_KEYS["weights_sha256"], "")
         meta["checkpoint_sha256"] = props.get(META_KEYS["checkpoint_sha256"], "")
+        meta["graph_revision"] = props.get(META_KEYS["graph_revision"], "")
         try:
             meta["source_recipe"] = json.loads(props.get(META_KEYS["source_recipe"], "{}"))
             meta["quantization"] = json.loads(props.get("pneumoloc.quantization", "null"))
