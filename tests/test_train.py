@@ -277,3 +277,21 @@ def test_ddp_two_process_gloo_matches_single(easy_cache: Path, tmp_path: Path) -
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_decoder_drop_reaches_the_model_and_needs_a_decoder() -> None:
+    from pneumoloc.models import build_model
+    from pneumoloc.training.state import build_model_on_device
+
+    config = load_train_config(
+        None, {"data": "x", "model": "test_efficientnet", "decoder": "pylon", "decoder_drop": 0.5}
+    )
+    model = build_model_on_device(config, torch.device("cpu"), build_model)
+    assert model.spec["kwargs"]["decoder_drop"] == 0.5
+    plain = load_train_config(None, {"data": "x", "model": "test_efficientnet", "decoder": "pylon"})
+    spec = build_model_on_device(plain, torch.device("cpu"), build_model).spec
+    assert spec["kwargs"].get("decoder_drop", 0.0) == 0.0  # off unless asked for
+    with pytest.raises(ConfigError, match="needs a decoder"):
+        load_train_config(None, {"data": "x", "decoder_drop": 0.5})
+    with pytest.raises(ConfigError, match=r"decoder_drop must be in \[0, 1\)"):
+        load_train_config(None, {"data": "x", "decoder": "pylon", "decoder_drop": 1.0})

@@ -281,6 +281,12 @@ def _add_train_parser(sub: Subparsers) -> None:
         choices=["pylon"],
         help="pyramid decoder over the stride-8/16/32 stages (PYLON): CAM at stride 8",
     )
+    p.add_argument(
+        "--decoder-drop",
+        type=float,
+        help="top-down drop of the decoder in training (0 to <1; default 0): the stride-8 path "
+        "must find the evidence itself (docs/localisation.md, round 3b)",
+    )
     p.add_argument("--split-seed", type=int)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--no-augment", action="store_true")
@@ -334,6 +340,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "output_stride": args.output_stride,
         "pool": args.pool,
         "decoder": args.decoder,
+        "decoder_drop": args.decoder_drop,
         "split_seed": args.split_seed,
         "tensorboard": args.tensorboard or None,
         "max_steps_per_epoch": args.max_steps_per_epoch,

@@ -51,6 +51,7 @@ class TrainConfig:
     output_stride: int | None = None
     pool: str = "avg"
     decoder: str | None = None
+    decoder_drop: float = 0.0
     drop_rate: float = 0.0
     split_seed: int = 0
     tensorboard: bool = False
@@ -84,6 +85,11 @@ class TrainConfig:
                 "unlabelled images need a teacher checkpoint (noisy student) and vice versa",
             ),
             (0.0 < self.pseudo_fraction <= 1.0, "pseudo_fraction must be in (0, 1]"),
+            (0.0 <= self.decoder_drop < 1.0, "decoder_drop must be in [0, 1)"),
+            (
+                self.decoder_drop == 0.0 or self.decoder is not None,
+                "decoder_drop (top-down drop) needs a decoder (--decoder pylon)",
+            ),
             (
                 self.samples_per_epoch is None or self.samples_per_epoch >= 1,
                 "samples_per_epoch must be >= 1",

@@ -111,7 +111,9 @@ def build_model_on_device(
     here so a run is a function of its config. Everything else random uses explicit generators.
     """
     torch.manual_seed(config.seed)
-    extra = {"decoder": config.decoder} if config.decoder is not None else {}
+    extra: dict[str, Any] = {"decoder": config.decoder} if config.decoder is not None else {}
+    if config.decoder_drop:
+        extra["decoder_drop"] = config.decoder_drop
     return build_model(
         config.model,
         pretrained=config.pretrained,
