@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from pneumoloc.errors import CheckpointError, DataError
+from pneumoloc.inference.onnx_backend import META_KEYS
 
 logger = logging.getLogger("pneumoloc.quantize")
 
 __all__ = ["QUANTIZATION_KEY", "QuantizeResult", "quantize_onnx"]
 
-QUANTIZATION_KEY = "pneumoloc.quantization"
+QUANTIZATION_KEY = META_KEYS["quantization"]
 """Metadata entry of an int8 file: JSON with the scheme and the measured parity."""
 
 

@@ -63,6 +63,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _checkpoint_path(model: str | Path | None) -> Path:
+    """The checkpoint file ``model`` names (``"default"``/None: the shipped one), unchecked."""
+    return base.DEFAULT_WEIGHTS if model is None or str(model) == DEFAULT_MODEL else Path(model)
+
+
+def _batch_size(backend: str, device: str, batch_size: int | None) -> int:
+    size = default_batch_size(backend, device) if batch_size is None else batch_size
+    if size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {size}")
+    return size
+
+
 def onnx_twin(checkpoint: str | Path) -> Path | None:
     """The ONNX file beside ``checkpoint`` (``x.pt`` -> ``x.onnx``), or None. Whether it was
     exported from exactly these bytes is checked when it is opened (:func:`load_predictor`)."""
@@ -87,8 +99,7 @@ def choose_backend(
         return "torch", None
     if cam_method not in (None, "cam"):
         return "torch", None
-    checkpoint = base.DEFAULT_WEIGHTS if str(model) == DEFAULT_MODEL else Path(model)
-    twin = onnx_twin(checkpoint)
+    twin = onnx_twin(_checkpoint_path(model))
     return ("onnx", twin) if twin is not None else ("torch", None)
 
 
@@ -105,7 +116,7 @@ def _twin_predictor(
         logger.warning("%s; running %s with PyTorch", exc, checkpoint)
         return None
     meta = predictor.meta
-    if meta.get("quantization"):
+    if meta.get("quantization"):  # pneumoloc quantize's int8 copies are never a twin
         logger.warning("%s is an int8 copy; running %s with PyTorch", twin, checkpoint)
         return None
     if meta.get("graph_revision") != GRAPH_REVISION:
@@ -186,19 +197,14 @@ def load_predictor(
     if backend == "auto":
         backend, twin = choose_backend(model, device, cam_method)
         if twin is not None:
-            checkpoint = base.DEFAULT_WEIGHTS if str(model) == DEFAULT_MODEL else Path(model)
-            size = default_batch_size("onnx", device) if batch_size is None else batch_size
-            if size < 1:
-                raise ConfigError(f"batch size must be at least 1, got {size}")
+            settings = {"batch_size": _batch_size("onnx", device, batch_size)}
             chosen = _twin_predictor(
-                checkpoint, twin, threads, {"batch_size": size, **_cam_kwargs(cam_method)}
+                _checkpoint_path(model), twin, threads, {**settings, **_cam_kwargs(cam_method)}
             )
             if chosen is not None:
                 return chosen
             backend = "torch"
-    batch_size = default_batch_size(backend, device) if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    batch_size = _batch_size(backend, device, batch_size)
     is_default = str(model) == DEFAULT_MODEL
     kwargs: dict[str, Any] = {"batch_size": batch_size, **_cam_kwargs(cam_method)}
     if backend == "onnx":
@@ -244,9 +250,7 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
     """
     from pneumoloc.inference.onnx_backend import OnnxPredictor
 
-    if checkpoint is None or str(checkpoint) == DEFAULT_MODEL:
-        checkpoint = base.DEFAULT_WEIGHTS
-    checkpoint = Path(checkpoint)
+    checkpoint = _checkpoint_path(checkpoint)
     model = getattr(predictor, "model", None)
     if model is None or getattr(predictor, "detector", None) is not None:
         return None

@@ -58,6 +58,7 @@ META_KEYS = {
     "weights_sha256": "pneumoloc.weights_sha256",
     "checkpoint_sha256": "pneumoloc.checkpoint_sha256",
     "graph_revision": "pneumoloc.graph_revision",
+    "quantization": "pneumoloc.quantization",
     "source_recipe": "pneumoloc.source_recipe",
 }
 """``metadata_props`` keys. ``pneumoloc.meta`` is the JSON of the checkpoint metadata that
@@ -169,7 +170,7 @@ class OnnxPredictor(BasePredictor):
         meta["graph_revision"] = props.get(META_KEYS["graph_revision"], "")
         try:
             meta["source_recipe"] = json.loads(props.get(META_KEYS["source_recipe"], "{}"))
-            meta["quantization"] = json.loads(props.get("pneumoloc.quantization", "null"))
+            meta["quantization"] = json.loads(props.get(META_KEYS["quantization"], "null"))
         except ValueError:
             meta["source_recipe"], meta["quantization"] = {}, None
         # The file's metadata holds only settings this backend runs (cam_method is "cam").
