@@ -16,6 +16,9 @@ model, real RSNA DICOMs from ``../shared/data``):
 Each measurement runs the code under ``src`` and, with ``--old-src DIR``, the code in ``DIR``
 (e.g. ``git archive COMMIT src | tar -x -C /tmp/old``) right after it, in a child process with
 ``PYTHONPATH`` set, the same interpreter and packages, so background load hits both alike.
+``--prev-src DIR`` adds a third code the same way (e.g. the previous commit of a change). The
+folder runs of this code are also measured with ``--parallel threads`` (``folder_*_threads``),
+so that worker processes and threads are compared in the same run.
 Results go to ``--json`` as they are measured, and a markdown table is printed at the end.
 
 Usage::
@@ -98,12 +101,14 @@ def bench_one(src: Path, cache: Path, dicom: Path, runs: int) -> dict[str, Any]:
     }
 
 
-def bench_folder(src: Path, cache: Path, folder: Path, n: int, overlays: bool) -> dict[str, Any]:
+def bench_folder(
+    src: Path, cache: Path, folder: Path, n: int, overlays: bool, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     env = _env(src, cache)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "pneumoloc", "predict", str(folder), "--out", str(out)]
-        cmd += ["--quiet"] + ([] if overlays else ["--no-overlay"])
+        cmd += ["--quiet", *extra] + ([] if overlays else ["--no-overlay"])
         wall, text = _run(cmd, env)
         run_s = _reported_seconds(text)
         probs = {}
@@ -283,6 +288,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--old-src", type=Path, default=None, help="src folder of the code before")
+    parser.add_argument("--prev-src", type=Path, default=None, help="src folder of a third code")
     parser.add_argument("--rsna", type=Path, default=RSNA)
     parser.add_argument("--n", type=int, default=200, help="DICOMs in the folder run")
     parser.add_argument("--runs", type=int, default=5, help="runs of the one-file predict")
@@ -296,6 +302,8 @@ def main() -> None:
     if len(images) < args.n:
         raise SystemExit(f"{args.rsna}: fewer than {args.n} DICOMs")
     codes = {"new": ROOT / "src"}
+    if args.prev_src is not None:
+        codes["prev"] = args.prev_src.resolve()
     if args.old_src is not None:
         codes["old"] = args.old_src.resolve()
     only = set(args.only.split(","))
@@ -318,10 +326,19 @@ def main() -> None:
         for path in images[: args.n]:
             shutil.copy(path, folder / path.name)  # a plain folder (the data stays read-only)
         caches = {k: Path(tmp) / f"cache-{k}" for k in codes}
+        threads = ("--parallel", "threads")
         steps = [
             ("one", lambda s, c: bench_one(s, c, images[0], args.runs)),
             ("folder_overlays", lambda s, c: bench_folder(s, c, folder, args.n, True)),
             ("folder_no_overlays", lambda s, c: bench_folder(s, c, folder, args.n, False)),
+            (
+                "folder_overlays_threads",
+                lambda s, c: bench_folder(s, c, folder, args.n, True, threads),
+            ),
+            (
+                "folder_no_overlays_threads",
+                lambda s, c: bench_folder(s, c, folder, args.n, False, threads),
+            ),
             ("serve", lambda s, c: bench_serve(s, c, images[:50], args.clients, args.requests)),
             ("evaluate", lambda s, c: bench_evaluate(s, c, args.rsna)),
             ("int8", lambda s, c: bench_int8(s, c, args.rsna)),
@@ -330,8 +347,8 @@ def main() -> None:
             if name.split("_")[0] not in only:
                 continue
             for code, src in codes.items():
-                if name == "int8" and code != "new":
-                    continue  # no int8 option before
+                if (name == "int8" or name.endswith("_threads")) and code != "new":
+                    continue  # no int8 option, nor --parallel, before
                 print(f"{name} [{code}] ...", file=sys.stderr, flush=True)
                 try:
                     results.setdefault(name, {})[code] = fn(src, caches[code])

@@ -32,3 +32,24 @@ def test_refuses_what_it_cannot_write() -> None:
         encode_png(np.zeros((4, 4, 2), np.uint8))
     with pytest.raises(ValueError, match="non-empty"):
         encode_png(np.zeros((0, 4), np.uint8))
+
+
+def test_deflate_level_is_checked_and_every_level_is_lossless() -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    for level in range(4):
+        with Image.open(io.BytesIO(encode_png(pixels, level=level))) as img:
+            assert np.array_equal(np.asarray(img), pixels)
+    with pytest.raises(ValueError, match="level"):
+        encode_png(pixels, level=9)
+
+
+def test_standard_zlib_fallback_writes_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where python-isal is missing, the standard library's zlib encodes (same format)."""
+    import zlib
+
+    import pneumoloc.io.png as png
+
+    pixels = np.random.default_rng(4).integers(0, 256, (50, 20), dtype=np.uint8)
+    monkeypatch.setattr(png, "_compress", zlib.compress)
+    with Image.open(io.BytesIO(png.encode_png(pixels))) as img:
+        assert np.array_equal(np.asarray(img), pixels)

@@ -710,12 +710,19 @@ def _add_predict_parser(sub: Subparsers) -> None:
     p.add_argument(
         "--pseudonym-key-file", type=Path, default=None, help="file holding the pseudonym key"
     )
-    _add_workers_option(p, help="reading/writing threads (default: all cores)")
+    _add_workers_option(p, help="reading/writing workers (default: all cores)")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         help="network threads (default: all cores; 1 can be faster on a busy machine)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("auto", "threads", "processes"),
+        default="auto",
+        help="whether the workers are threads or processes (auto: processes for 32 inputs or "
+        "more with the onnx backend); the outputs are the same",
     )
     _add_quiet_option(p)
     p.set_defaults(handler=_cmd_predict)
@@ -744,6 +751,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overlays=not args.no_overlay,
         workers=args.workers,
         threads=args.threads,
+        parallel=args.parallel,
         progress=not args.quiet,
         dicom_out=args.dicom_out,
         input_check=not args.no_input_check,

@@ -300,6 +300,20 @@ class BasePredictor:
             arrays, [x.original_shape for x in xrays], with_features=with_features
         )
 
+    @property
+    def can_leave_network(self) -> bool:
+        """Whether :meth:`without_network` gives a copy other processes can use."""
+        return False
+
+    def without_network(self) -> BasePredictor:
+        """A copy that can do everything after the network (:meth:`finish`, records) and can
+        be pickled to a worker process, without the network itself.
+
+        Raises:
+            NotImplementedError: This backend's predictor cannot leave its network behind.
+        """
+        raise NotImplementedError(f"the {self.backend} backend keeps its network")
+
     def describe(self) -> dict[str, Any]:
         """What produced a prediction: model, version, CAM method, box rule, threshold."""
         return {

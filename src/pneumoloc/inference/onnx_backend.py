@@ -8,6 +8,7 @@ records) with the PyTorch backend through :class:`pneumoloc.inference.base.BaseP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,15 @@ def _parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+class _NoSession:
+    """The session of :meth:`OnnxPredictor.without_network`: any use is a bug, said plainly."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # pickle and copy probe for special methods
+            raise AttributeError(name)
+        raise RuntimeError(f"this predictor was copied without its network (session.{name})")
+
+
 @dataclass(kw_only=True)
 class OnnxPredictor(BasePredictor):
     """An exported model run by ONNX Runtime on the CPU.
@@ -175,6 +185,17 @@ class OnnxPredictor(BasePredictor):
             meta["source_recipe"], meta["quantization"] = {}, None
         # The file's metadata holds only settings this backend runs (cam_method is "cam").
         return cls(session=session, meta=meta, **split_settings(meta, kwargs, cam_method="cam"))
+
+    @property
+    def can_leave_network(self) -> bool:
+        """True: the session is the only part that stays (:meth:`without_network`)."""
+        return True
+
+    def without_network(self) -> OnnxPredictor:
+        """This predictor without its ONNX Runtime session (which cannot be pickled): the
+        settings, metadata and everything after the network, for a worker process. Its
+        ``network`` methods raise."""
+        return dataclasses.replace(self, session=_NoSession())
 
     @property
     def has_features(self) -> bool:

@@ -1,11 +1,13 @@
-"""PNG encoding of uint8 pictures (overlays, the web page's images), twice as fast as Pillow's.
+"""PNG encoding of uint8 pictures (overlays, the web page's images), ten times as fast as Pillow's.
 
 Written by hand, in a dozen lines of the PNG specification, because encoding was the largest
 single cost of an overlay: Pillow's encoder (``compress_level=1``) took ~20 ms for a 512 x 609
-RGB overlay on this machine, this one ~10 ms for a file of the same size (212 vs 208 kB). It
-applies one filter to every row ("Up": each byte minus the byte above, computed by numpy in one
-pass, where Pillow tries filters row by row) and zlib at level 1. The pixels are the same: PNG is
-lossless, and ``tests/test_png.py`` decodes every output with Pillow and compares.
+RGB overlay on this machine. This one applies one filter to every row ("Up": each byte minus the
+byte above, computed by numpy in one pass, where Pillow tries filters row by row), and compresses
+with Intel's ISA-L (``python-isal``, ``isal_zlib`` level 1: a standard zlib stream, ~1.8 ms for
+that overlay and a slightly smaller file, 213 vs 217 kB) or, where ``isal`` is not installed,
+the standard library's zlib at level 1 (~7.7 ms). The pixels are the same: PNG is lossless, and
+``tests/test_png.py`` decodes every output with Pillow and compares.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import struct
 import zlib
 
 import numpy as np
+
+try:  # ISA-L's deflate: the same zlib format, about four times as fast at level 1
+    from isal.isal_zlib import compress as _compress
+except ImportError:  # pragma: no cover - a platform without python-isal's wheels
+    from zlib import compress as _compress
 
 __all__ = ["encode_png"]
 
@@ -29,6 +36,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     """The PNG file of a uint8 picture: (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA.
 
+    ``level`` is the deflate level, 0 to 3 (ISA-L's range; 1 is the fast default).
+
     No text or other ancillary chunk is written: nothing but pixels leaves through the file.
 
     Raises:
@@ -43,6 +52,8 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     channels = 1 if arr.ndim == 2 else arr.shape[2]
     if channels not in _COLOUR_TYPES:
         raise ValueError(f"expected 1, 3 or 4 channels, got {channels}")
+    if not 0 <= level <= 3:
+        raise ValueError(f"level must be 0 to 3, got {level}")
     rows = arr.reshape(h, w * channels)
     filtered = np.empty((h, w * channels + 1), np.uint8)
     filtered[:, 0] = 2  # filter type "Up" on every row (the first row's "above" is zeros)
@@ -53,7 +64,7 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
         (
             _SIGNATURE,
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)),
+            _chunk(b"IDAT", _compress(filtered.tobytes(), level)),
             _chunk(b"IEND", b""),
         )
     )

@@ -132,8 +132,8 @@ def _umask() -> int:
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
-    # No text chunks: nothing but pixels leaves through the PNG. Encoding dominates the
-    # overlay's cost (noisy radiographs compress poorly): pneumoloc.io.png, zlib level 1.
+    # No text chunks: nothing but pixels leaves through the PNG. Encoding was the overlay's
+    # largest cost (noisy radiographs compress poorly): pneumoloc.io.png, ISA-L level 1.
     from pneumoloc.io.png import encode_png
 
     return encode_png(rgb)

@@ -1,26 +1,46 @@
 """The pipeline of a ``predict`` run: decoding, the model and writing kept busy together.
 
-A pool of threads decodes the inputs (in order, a bounded number ahead, :func:`_ordered`) and
-renders and writes the outputs, while the calling thread runs the model in batches
-(:class:`_Batcher`). With one worker everything runs in the calling thread
-(:class:`_InlineExecutor`). The network's intra-op threads can be set for the duration of a
-run (:func:`_torch_threads`). :func:`predict_all` puts these together.
+A pool of workers decodes the inputs (in order, a bounded number ahead, :func:`_ordered`) and
+finishes each image (post-processing, the input check, rendering and writing its outputs),
+while the calling thread runs the model in batches (:class:`_Batcher`). With one worker
+everything runs in the calling thread (:class:`_InlineExecutor`). The network's intra-op
+threads can be set for the duration of a run (:func:`_torch_threads`). :func:`predict_all`
+puts these together.
+
+The workers are threads, or, on Linux, for a large enough run of a backend that can leave its
+network behind (ONNX Runtime), processes (:data:`PROCESS_MIN_INPUTS`): decoding a DICOM, the
+lung mask and the overlay spend much of their time in Python, and on two cores threads
+serialise on the interpreter lock (about 165% CPU). A worker process is forked with
+everything but the network (:func:`_process_pool`: the predictor without its session, the
+input check, the output folders), ignores Ctrl-C (the calling process stops the run and lets
+the images in flight finish), and computes exactly what a thread would: the same functions on
+the same arrays (tests/test_predict_parallel.py compares the outputs).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from pneumoloc.errors import PneumolocError
 from pneumoloc.predict.inputs import InputFile, ReadResult, read_input
-from pneumoloc.predict.outputs import STATUS_FAILED, PredictRow, _write_outputs, _write_refused
+from pneumoloc.predict.outputs import (
+    STATUS_FAILED,
+    STATUS_REFUSED,
+    PredictRow,
+    _write_outputs,
+    _write_refused,
+)
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -30,7 +50,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pneumoloc.predict")  # the name of the module before the split
 
-__all__ = ["PredictInterrupted", "predict_all"]
+__all__ = [
+    "PARALLEL_MODES",
+    "PROCESS_MIN_INPUTS",
+    "PredictInterrupted",
+    "WorkerDied",
+    "predict_all",
+]
+
+PARALLEL_MODES = ("auto", "threads", "processes")
+"""How :func:`predict_all` runs its workers: "auto" (processes for a run of at least
+:data:`PROCESS_MIN_INPUTS` inputs when the backend allows it and there are two workers or more,
+else threads), or always threads / processes."""
+
+PROCESS_MIN_INPUTS = 32
+"""The smallest run for which "auto" starts worker processes: starting one costs about half a
+second of imports, which a run this long earns back."""
 
 
 class PredictInterrupted(KeyboardInterrupt):
@@ -39,6 +74,16 @@ class PredictInterrupted(KeyboardInterrupt):
 
     def __init__(self, rows: list[PredictRow | None]) -> None:
         super().__init__()
+        self.rows = rows
+
+
+class WorkerDied(PneumolocError):
+    """A worker process died (killed for memory, a crash in a decoder); ``rows`` as for
+    :class:`PredictInterrupted`, so that the caller writes ``summary.csv`` and ``--resume``
+    skips what was finished."""
+
+    def __init__(self, message: str, rows: list[PredictRow | None]) -> None:
+        super().__init__(message)
         self.rows = rows
 
 
@@ -91,6 +136,164 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What a worker needs to decode an input and to finish an image: all but the network."""
+
+    predictor: BasePredictor
+    out: Path
+    overlays: bool
+    keep_identifiers: bool
+    dicom_out: Path | None = None
+    input_check: InputCheck | None = None
+
+    def read(self, item: InputFile) -> ReadResult:
+        return read_input(
+            item.path,
+            self.predictor.image_size,
+            display=self.overlays or self.dicom_out is not None,
+            keep_identifiers=self.keep_identifiers,
+            check_tags=self.input_check is not None,
+        )
+
+    def finish(
+        self,
+        item: InputFile,
+        image_id: str,
+        r: ReadResult,
+        image: np.ndarray,
+        raw: tuple[Any, ...],
+    ) -> PredictRow:
+        """One image after the network: its prediction, the input check, its outputs."""
+        predictor = self.predictor
+        pred = predictor.finish(image, raw, [r.original_shape])[0]  # type: ignore[arg-type]
+        verdict = None
+        if self.input_check is not None:
+            verdict = self.input_check.check(image[0], features=pred.features, tags=r.tags)
+            if not verdict.accepted:
+                return _write_refused(self.out, image_id, item, verdict, r, predictor)
+        return _write_outputs(
+            self.out,
+            image_id,
+            item,
+            pred,
+            r,
+            predictor,
+            self.overlays,
+            self.dicom_out,
+            verdict,
+        )
+
+
+_WORKER_CONTEXT: _Context | None = None
+"""The context of this worker process (set by :func:`_worker_init`)."""
+
+
+def _worker_init(context: _Context) -> None:
+    """Start of a worker process: keep the context; leave Ctrl-C to the calling process."""
+    global _WORKER_CONTEXT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_CONTEXT = context
+
+
+def _worker_context() -> _Context:
+    if _WORKER_CONTEXT is None:  # pragma: no cover - only if a task outruns its initializer
+        raise RuntimeError("worker process without a context")
+    return _WORKER_CONTEXT
+
+
+def _worker_read(item: InputFile) -> ReadResult:
+    return _worker_context().read(item)
+
+
+def _worker_finish(
+    item: InputFile, image_id: str, r: ReadResult, image: np.ndarray, raw: tuple[Any, ...]
+) -> PredictRow:
+    return _worker_context().finish(item, image_id, r, image, raw)
+
+
+def _worker_ready() -> bool:
+    return _WORKER_CONTEXT is not None
+
+
+def _process_pool(context: _Context, n_workers: int) -> ProcessPoolExecutor:
+    """Worker processes forked from this one, each holding ``context`` without the network.
+
+    "fork", not "spawn": a spawned worker spent ~1.5 s importing before its first image,
+    more than two workers save on 200 images with two cores; a forked one starts in ~50 ms
+    with this process's modules. The workers are forked at once, before this function
+    returns and before any other Python thread of the run starts; they never call ONNX
+    Runtime, whose threads they do not inherit (its session is left behind,
+    :meth:`pneumoloc.inference.BasePredictor.without_network`).
+    """
+    import multiprocessing
+    import warnings
+
+    import pneumoloc.io.png
+    import pneumoloc.report.overlay  # noqa: F401 - imported once here, not once per worker
+
+    pool = ProcessPoolExecutor(
+        n_workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_worker_init,
+        initargs=(replace(context, predictor=context.predictor.without_network()),),
+    )
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns of fork() beside native threads (ONNX Runtime's, idle): the
+        # workers never use them, and the at-fork handlers reset Python's own locks.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if not all(f.result() for f in [pool.submit(_worker_ready) for _ in range(n_workers)]):
+            raise RuntimeError("a worker process started without its context")  # pragma: no cover
+    return pool
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+    import sys
+
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _use_processes(parallel: str, predictor: BasePredictor, n_inputs: int, n_workers: int) -> bool:
+    """Whether this run's workers are processes (see :data:`PARALLEL_MODES`).
+
+    Never while another Python thread runs in this process (a notebook's, a server's, an
+    earlier pool's): a thread holding a lock (an import's, say) at the fork leaves it held
+    for ever in the child, as seen in this project's tests. Then threads are used, with a
+    warning when processes were asked for.
+    """
+    import threading
+
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if parallel == "threads" or n_workers <= 1:
+        return False
+    if not predictor.can_leave_network or not _can_fork():
+        if parallel == "processes":
+            raise PneumolocError(
+                "worker processes need Linux and a backend that can leave its network behind "
+                f"(onnx); here: {predictor.backend!r} on {_platform()}: use --parallel threads"
+            )
+        return False
+    if parallel == "auto" and n_inputs < PROCESS_MIN_INPUTS:
+        return False
+    if threading.active_count() > 1:
+        if parallel == "processes":
+            logger.warning(
+                "worker threads instead of processes: %d other Python thread(s) run in this "
+                "process, and forking beside them is unsafe",
+                threading.active_count() - 1,
+            )
+        return False
+    return True
+
+
+def _platform() -> str:
+    import sys
+
+    return sys.platform
+
+
 class _Batcher:
     """Decoded inputs in; batched predictions out, their writes handed to the pool.
 
@@ -102,22 +305,19 @@ class _Batcher:
         self,
         pool: Executor,
         bar: tqdm[Any],
-        predictor: BasePredictor,
+        context: _Context,
         files: Sequence[InputFile],
         ids: Sequence[str],
-        out: Path,
         *,
-        overlays: bool,
         batch_size: int,
         n_workers: int,
-        dicom_out: Path | None = None,
-        input_check: InputCheck | None = None,
+        finish: Callable[..., PredictRow],
     ) -> None:
-        self._pool, self._bar, self._predictor = pool, bar, predictor
-        self._files, self._ids, self._out, self._overlays = files, ids, out, overlays
+        self._pool, self._bar, self._context = pool, bar, context
+        self._predictor, self._check = context.predictor, context.input_check
+        self._files, self._ids = files, ids
         self._batch_size, self._n_workers = batch_size, n_workers
-        self._dicom_out = dicom_out
-        self._check = input_check
+        self._finish_image = finish
         self.rows: list[PredictRow | None] = [None] * len(files)
         self._batch: list[tuple[int, ReadResult]] = []
         self._writes: deque[tuple[int, Future[PredictRow]]] = deque()
@@ -150,7 +350,18 @@ class _Batcher:
             self._finish(self._writes.popleft())
 
     def _finish(self, entry: tuple[int, Future[PredictRow]]) -> None:
-        self.rows[entry[0]] = entry[1].result()
+        try:
+            row = entry[1].result()
+        except BrokenProcessPool:
+            raise WorkerDied(
+                f"{self._files[entry[0]].source}: a worker process died while finishing it "
+                "(out of memory, or a crash in a decoder); the records already written are "
+                "kept: run again with --resume",
+                self.rows,
+            ) from None
+        if row.status == STATUS_REFUSED:
+            logger.warning("%s: refused: %s", self._files[entry[0]].source, row.error)
+        self.rows[entry[0]] = row
         self._bar.update(1)
 
     def _flush(self) -> None:
@@ -164,35 +375,12 @@ class _Batcher:
         raw = self._predictor.raw_outputs(stack, with_features=self._check is not None)
         for k, (i, r) in enumerate(batch):
             part = tuple(None if a is None else a[k : k + 1] for a in raw)
-            job = self._pool.submit(self._finish_one, i, r, stack[k : k + 1], part)
+            job = self._pool.submit(
+                self._finish_image, self._files[i], self._ids[i], r, stack[k : k + 1], part
+            )
             self._writes.append((i, job))
             while len(self._writes) > 2 * max(self._n_workers, 1) + self._batch_size:
                 self._finish(self._writes.popleft())
-
-    def _finish_one(
-        self, i: int, r: ReadResult, image: np.ndarray, raw: tuple[Any, ...]
-    ) -> PredictRow:
-        """One image after the network: its prediction, the input check, its outputs."""
-        pred = self._predictor.finish(image, raw, [r.original_shape])[0]  # type: ignore[arg-type]
-        verdict = None
-        if self._check is not None:
-            verdict = self._check.check(image[0], features=pred.features, tags=r.tags)
-            if not verdict.accepted:
-                logger.warning("%s: refused: %s", self._files[i].source, verdict.reason)
-                return _write_refused(
-                    self._out, self._ids[i], self._files[i], verdict, r, self._predictor
-                )
-        return _write_outputs(
-            self._out,
-            self._ids[i],
-            self._files[i],
-            pred,
-            r,
-            self._predictor,
-            self._overlays,
-            self._dicom_out,
-            verdict,
-        )
 
 
 def predict_all(
@@ -209,26 +397,34 @@ def predict_all(
     progress: bool,
     dicom_out: Path | None = None,
     input_check: InputCheck | None = None,
+    parallel: str = "auto",
 ) -> list[PredictRow]:
     """Decode, predict and write every input; its summary rows, in input order.
 
     With ``dicom_out``, DICOM inputs also get an SR and a Secondary Capture there.
+    ``parallel`` chooses threads or processes for the ``n_workers`` workers
+    (:data:`PARALLEL_MODES`); the outputs are the same either way.
     """
     from tqdm.auto import tqdm
 
-    size = predictor.image_size
-    display = overlays or dicom_out is not None
-
-    def read(item: InputFile) -> ReadResult:
-        return read_input(
-            item.path,
-            size,
-            display=display,
-            keep_identifiers=keep_identifiers,
-            check_tags=input_check is not None,
-        )
-
-    pool: Executor = ThreadPoolExecutor(n_workers) if n_workers > 1 else _InlineExecutor()
+    context = _Context(
+        predictor=predictor,
+        out=out,
+        overlays=overlays,
+        keep_identifiers=keep_identifiers,
+        dicom_out=dicom_out,
+        input_check=input_check,
+    )
+    read: Callable[[InputFile], ReadResult]
+    finish: Callable[..., PredictRow]
+    pool: Executor
+    if _use_processes(parallel, predictor, len(files), n_workers):
+        pool, read, finish = _process_pool(context, n_workers), _worker_read, _worker_finish
+        logger.debug("%d worker processes", n_workers)
+    else:
+        pool = ThreadPoolExecutor(n_workers) if n_workers > 1 else _InlineExecutor()
+        read, finish = context.read, context.finish
+        logger.debug("%d worker thread(s)", n_workers)
     with (
         _torch_threads(torch_threads),
         pool,
@@ -237,15 +433,12 @@ def predict_all(
         batcher = _Batcher(
             pool,
             bar,
-            predictor,
+            context,
             files,
             ids,
-            out,
-            overlays=overlays,
             batch_size=batch_size,
             n_workers=n_workers,
-            dicom_out=dicom_out,
-            input_check=input_check,
+            finish=finish,
         )
         ahead = max(2 * batch_size, 2 * n_workers)
         try:
@@ -255,4 +448,10 @@ def predict_all(
         except KeyboardInterrupt:
             batcher.drain()  # records already being written are finished, then we stop
             raise PredictInterrupted(batcher.rows) from None
+        except BrokenProcessPool:
+            raise WorkerDied(
+                "a worker process died (out of memory, or a crash in a decoder); the records "
+                "already written are kept: run again with --resume",
+                batcher.rows,
+            ) from None
     return [r for r in batcher.rows if r is not None]

@@ -21,7 +21,7 @@ from pneumoloc.predict.outputs import (
     PredictRow,
     _write_summary,
 )
-from pneumoloc.predict.pipeline import PredictInterrupted, predict_all
+from pneumoloc.predict.pipeline import PredictInterrupted, WorkerDied, predict_all
 from pneumoloc.predict.runfolder import claim_output_folder, pending_row, pseudonymise
 
 logger = logging.getLogger("pneumoloc.predict")  # the name of the module before the split
@@ -100,6 +100,7 @@ def predict_paths(
     overlays: bool = True,
     workers: int | None = None,
     threads: int | None = None,
+    parallel: str = "auto",
     progress: bool = True,
     dicom_out: str | Path | None = None,
     input_check: bool = True,
@@ -121,12 +122,16 @@ def predict_paths(
         batch_size: Images per forward pass (default: see :func:`default_batch_size`).
         keep_identifiers: Add the DICOM identifiers to the JSON records.
         overlays: Write an overlay PNG per image.
-        workers: Threads decoding inputs and writing outputs (default: one per core; 1 does
-            everything in the calling thread).
+        workers: Workers decoding inputs and finishing and writing outputs (default: one per
+            core; 1 does everything in the calling thread).
         threads: Intra-op threads of the network (default: the library's, one per core). For
             torch this is ``torch.set_num_threads`` for the duration of the call (restored
             after). 1 can be much faster on a machine busy with other work: PyTorch's OpenMP
             threads wait on each other, and one descheduled thread stalls every layer.
+        parallel: Whether the workers are threads or processes: "auto" (processes for 32
+            inputs or more when the backend is ONNX Runtime; see
+            :mod:`pneumoloc.predict.pipeline`), "threads" or "processes". The outputs are the
+            same either way.
         progress: Show a progress bar.
         dicom_out: Folder (created) for a DICOM SR and Secondary Capture per DICOM input
             (``pneumoloc[pacs]``; see :mod:`pneumoloc.report.dicom`). These carry the
@@ -149,6 +154,7 @@ def predict_paths(
     Raises:
         DataError: An input does not exist, no image was found, or ``out`` is a file.
         ConfigError: ``out`` holds an earlier run and neither ``resume`` nor ``overwrite``.
+        WorkerDied: A worker process died; ``summary.csv`` has been written as for Ctrl-C.
         PredictInterrupted: Ctrl-C; ``summary.csv`` has been written (unfinished inputs
             have status "interrupted"), and ``resume=True`` continues.
         ConfigError, CheckpointError: See :func:`pneumoloc.inference.load_predictor`.
@@ -193,15 +199,17 @@ def predict_paths(
                 progress=progress,
                 dicom_out=_output_folder(dicom_out) if dicom_out is not None else None,
                 input_check=checker,
+                parallel=parallel,
             )
         )
-    except PredictInterrupted as stop:
+    except (PredictInterrupted, WorkerDied) as stop:
         for i, row in zip(todo, stop.rows, strict=True):
             all_rows[i] = row
         pending = [row or pending_row(ids[i], files[i].source) for i, row in enumerate(all_rows)]
         summary = _write_summary(out_dir, pending)
         logger.warning(
-            "interrupted: %d of %d input(s) done; %s written; continue with --resume",
+            "%s: %d of %d input(s) done; %s written; continue with --resume",
+            "interrupted" if isinstance(stop, PredictInterrupted) else "stopped",
             sum(r is not None for r in all_rows),
             len(ids),
             summary,

@@ -6,6 +6,8 @@
 * A new run refuses a folder holding an earlier run's outputs, unless ``resume`` (finished
   records are kept and their inputs skipped) or ``overwrite`` (the earlier run's records,
   overlays, summary and marker are deleted first; nothing else in the folder is touched).
+  Either way, the half-written files a killed run leaves (``.partial-*``, the temporary names
+  of :func:`pneumoloc.predict.outputs._write_inside`) are deleted.
 * With ``pseudonymise``, output ids and the ``source`` field are ``img-`` plus 16 hex digits
   of HMAC-SHA256(key, the input's path relative to its argument): stable for the same key
   and input, and revealing nothing of the file name without the key. The key is the user's
@@ -107,6 +109,8 @@ def claim_output_folder(
                 (out / f"{image_id}{suffix}").unlink(missing_ok=True)
         (out / SUMMARY_NAME).unlink(missing_ok=True)
         logger.info("--overwrite: removed %d earlier record(s) from %s", len(earlier), out)
+    if earlier and (resume or overwrite):
+        _remove_partial_files(out)
     if earlier and resume:
         sources = dict(zip(ids, (f.source for f in files), strict=True))
         for row in _summary_rows(out):
@@ -126,6 +130,15 @@ def claim_output_folder(
         ],
     )
     return Claim(finished=finished)
+
+
+def _remove_partial_files(out: Path) -> None:
+    """Delete the temporary files of writes a killed run did not finish (never a record)."""
+    stale = [p for p in out.glob(".partial-*") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d half-written file(s) of an earlier run from %s", len(stale), out)
 
 
 def _row_from_summary(out: Path, row: dict[str, str]) -> PredictRow:

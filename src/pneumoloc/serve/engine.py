@@ -30,8 +30,8 @@ _HEATMAP_CMAP = "inferno"  # the colour map of every pneumoloc overlay (report/o
 
 
 def _png_b64(image: Image.Image) -> str:
-    # zlib level 1 and one row filter (pneumoloc.io.png): about half the time of Pillow's
-    # encoder at level 1 for the same size; lossless either way.
+    # One row filter and ISA-L's deflate at level 1 (pneumoloc.io.png): a tenth of the time
+    # of Pillow's encoder at level 1 for the same size; lossless either way.
     from pneumoloc.io.png import encode_png
 
     return base64.b64encode(encode_png(np.asarray(image))).decode("ascii")
