@@ -226,3 +226,22 @@ def test_html_tables_views_and_patients() -> None:
     assert "the mean of its images'" in text
     plain = render_html(_metrics(), {}, [])
     assert "View AP" not in plain and "no within-view or patient-level breakdown" in plain
+
+
+def test_shipped_heatmap_table_is_matplotlibs_inferno_and_the_blend_matches_the_formula() -> None:
+    """``report/inferno.npy`` holds matplotlib's "inferno" values (so predict need not import
+    matplotlib), and the per-channel blend is ``(1 - w) grey + w colour(heat)``, w = a heat."""
+    from matplotlib import colormaps
+
+    from pneumoloc.report import overlay
+
+    cmap = colormaps["inferno"]
+    assert np.array_equal(overlay._heatmap_table(), cmap(np.arange(cmap.N))[:, :3])
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (37, 29)).astype(np.float32) / 255.0
+    heat = rng.random((37, 29), dtype=np.float32)
+    heat[0, 0], heat[0, 1] = 1.0, 0.0  # both ends of the table
+    colours = cmap(heat)[..., :3].astype(np.float32)  # matplotlib's own look-up
+    w = (0.4 * heat)[..., None]
+    expected = np.clip((colours * w + grey[..., None] * (1.0 - w)) * 255.0 + 0.5, 0, 255)
+    assert np.array_equal(overlay._blend(grey, heat, 0.4), expected.astype(np.uint8))
