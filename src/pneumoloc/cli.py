@@ -127,6 +127,13 @@ def _add_heatmap_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="boxes above the decision threshold, or above the F1-optimal box_threshold",
     )
+    p.add_argument(
+        "--cam-align",
+        choices=["centre", "cells"],
+        default=None,
+        help="classic CAM upsampling: align_corners=False (centre) or from each feature cell's "
+        "true centre (cells); default: the checkpoint's",
+    )
 
 
 # ---- synth -----------------------------------------------------------------------------------
@@ -493,6 +500,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         refine=args.refine,
         cam_layers=args.cam_layers,
         box_gate=args.box_gate,
+        cam_align=args.cam_align,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,

@@ -503,6 +503,7 @@ def evaluate(
     refine: str | None = None,
     cam_layers: str | None = None,
     box_gate: str | None = None,
+    cam_align: str | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -530,6 +531,8 @@ def evaluate(
         cam_layers: "stages" fuses the last three stages (grad-cam methods; None: the
             checkpoint's, else the final map).
         box_gate: "decision" or "f1" (None: the checkpoint's): which threshold gates boxes.
+        cam_align: The classic CAM's upsampling, "centre" or "cells" (None: the checkpoint's;
+            see ``pneumoloc.cam.names.CAM_ALIGNS``).
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the
@@ -561,6 +564,8 @@ def evaluate(
         kwargs["cam_layers"] = cam_layers
     if box_gate is not None:
         kwargs["box_gate"] = box_gate
+    if cam_align is not None:
+        kwargs["cam_align"] = cam_align
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     predictor: BasePredictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)

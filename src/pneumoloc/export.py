@@ -104,22 +104,26 @@ class OnnxExportResult:
     max_abs_diff_heatmap: float = math.nan
 
 
-def _cam_graph(models: list[Any], image_size: int) -> Any:
+def _cam_graph(models: list[Any], image_size: int, align: str = "centre") -> Any:
     """The exported module: uint8 images -> (probability, heatmap), as ``Predictor`` does
-    (for an ensemble: the mean of the members' probabilities and of their heatmaps)."""
+    (for an ensemble: the mean of the members' probabilities and of their heatmaps). The CAM's
+    upsampling (``align``, ``pneumoloc.cam.names.CAM_ALIGNS``) is fixed in the graph: with
+    ``"cells"`` its interpolation indices and weights are constants of the input size."""
     import torch
 
-    from pneumoloc.cam.classic import upsample_cam
+    from pneumoloc.cam.classic import cam_cell_grids, check_cam_align, upsample_cam
     from pneumoloc.io.preprocess import to_model_input
 
     size = int(image_size)
+    check_cam_align(align)
+    grids = {id(m): cam_cell_grids(m, (size, size)) if align == "cells" else None for m in models}
 
     Output = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
     def member_output(model: Any, x: torch.Tensor) -> Output:
         logits, cam, feats = model.forward_with_cam_and_features(x)
         # pneumoloc.cam.classic_cam, then compute_cam(scale_to_max=True), line for line.
-        heat = upsample_cam(cam, (size, size)).relu()
+        heat = upsample_cam(cam, (size, size), grids[id(model)]).relu()
         peak = heat.amax(dim=(-2, -1), keepdim=True)
         heat = torch.where(peak > 0, heat / peak.clamp(min=1e-12), heat)
         # The input check's features, as the torch backend pools them (feature_tap's output).
@@ -250,7 +254,7 @@ def export_onnx(
             "so its boxes come from the CAM box rule",
             path,
         )
-    graph = _cam_graph(models, size)
+    graph = _cam_graph(models, size, InferenceRecipe.from_meta(meta).cam_align)
     example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

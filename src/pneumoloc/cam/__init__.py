@@ -14,10 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pneumoloc.cam.names import CAM_LAYER_CHOICES, CAM_METHODS, LIBRARY_METHODS, check_cam_method
+from pneumoloc.cam.names import (
+    CAM_ALIGNS,
+    CAM_LAYER_CHOICES,
+    CAM_METHODS,
+    LIBRARY_METHODS,
+    check_cam_method,
+)
 
 if TYPE_CHECKING:
-    from pneumoloc.cam.classic import classic_cam, eval_mode, upsample_cam
+    from pneumoloc.cam.classic import cam_cell_grids, classic_cam, eval_mode, upsample_cam
     from pneumoloc.cam.compute import compute_cam, open_cam
     from pneumoloc.cam.gradcam import (
         SingleLogitAsColumn,
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
     from pneumoloc.cam.tta import DEFAULT_TTA_SCALES, tta_cam
 
 _LAZY = {
+    "cam_cell_grids": "classic",
     "classic_cam": "classic",
     "eval_mode": "classic",
     "upsample_cam": "classic",
@@ -52,11 +59,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CAM_ALIGNS",
     "CAM_LAYER_CHOICES",
     "CAM_METHODS",
     "DEFAULT_TTA_SCALES",
     "LIBRARY_METHODS",
     "SingleLogitAsColumn",
+    "cam_cell_grids",
     "cam_layers_of",
     "check_cam_method",
     "classic_cam",

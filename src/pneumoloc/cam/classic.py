@@ -4,10 +4,17 @@ The heatmap is the model's own CAM ``w · f(y, x) + b`` (see
 ``pneumoloc.models.classifier``), bilinearly upsampled to the input size and then ReLU'd:
 negative evidence (locations voting "no pneumonia") is clipped to 0. Values are in logit
 units, not normalised, so they are comparable across images.
+
+Upsampling (``align``, :data:`pneumoloc.cam.names.CAM_ALIGNS`): ``"centre"`` is
+``F.interpolate(..., align_corners=False)``; ``"cells"`` interpolates from the input pixel each
+cell's window is centred on (:func:`cam_cell_grids`, found once per model by a forward pass
+at 64 px with hooks on its strided layers, :mod:`pneumoloc.models.grid`), so the heatmap sits
+where the evidence was seen.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pneumoloc.cam.names import CAM_ALIGNS
+from pneumoloc.errors import ConfigError
 from pneumoloc.models.classifier import CamClassifier
+from pneumoloc.models.grid import CellGrid, Transition, feature_grids, model_transitions, resample
+
+_TRANSITIONS: weakref.WeakKeyDictionary[nn.Module, list[Transition]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -53,27 +65,61 @@ def prepare_input(model: nn.Module, x: Tensor) -> Tensor:
     return x.to(device=model_device(model), dtype=dtype)
 
 
-def upsample_cam(cam: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize maps (B, h, w) to (B, *size), as float32."""
+def cam_cell_grids(model: nn.Module, size: tuple[int, int]) -> tuple[CellGrid, CellGrid]:
+    """Where the cells of ``model``'s final feature map sit for an input of ``size`` (H, W):
+    the row and the column grids (:class:`pneumoloc.models.grid.CellGrid`).
+
+    Raises:
+        ConfigError: The model's strided layers cannot be placed (see
+            :func:`pneumoloc.models.grid.model_transitions`).
+    """
+    transitions = _TRANSITIONS.get(model)
+    if transitions is None:
+        transitions = model_transitions(model)
+        _TRANSITIONS[model] = transitions
+    rows, cols = feature_grids(transitions, size[0]), feature_grids(transitions, size[1])
+    return rows[max(rows)], cols[max(cols)]
+
+
+def upsample_cam(
+    cam: Tensor, size: tuple[int, int], grids: tuple[CellGrid, CellGrid] | None = None
+) -> Tensor:
+    """Bilinearly resize maps (B, h, w) to (B, *size), as float32: with ``grids`` (rows,
+    columns; :func:`cam_cell_grids`) from the cells' true centres, else with
+    ``align_corners=False``."""
+    if grids is not None:
+        rows = (grids[0], [float(i) for i in range(size[0])])
+        cols = (grids[1], [float(i) for i in range(size[1])])
+        return resample(cam.float(), rows, cols)
     resized = F.interpolate(
         cam.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False
     )
     return resized.squeeze(1)
 
 
-def classic_cam(model: CamClassifier, x: Tensor) -> tuple[Tensor, Tensor]:
+def check_cam_align(align: str) -> None:
+    """Raise :class:`ConfigError` naming the choices unless ``align`` is in ``CAM_ALIGNS``."""
+    if align not in CAM_ALIGNS:
+        raise ConfigError(f"unknown cam_align {align!r}; choose one of {list(CAM_ALIGNS)}")
+
+
+def classic_cam(model: CamClassifier, x: Tensor, align: str = "centre") -> tuple[Tensor, Tensor]:
     """Probabilities and classic CAM heatmaps from one forward pass, in eval mode.
 
     Args:
         model: The classifier; its training flags are restored afterwards.
         x: Images (B, 1, H, W); moved to the model's device.
+        align: How the CAM is upsampled (:data:`pneumoloc.cam.names.CAM_ALIGNS`).
 
     Returns:
         ``probs`` (B,), the sigmoid of the logits, and ``heatmaps`` (B, H, W) float32 >= 0 in
         logit units at the input resolution, both on the model's device.
     """
+    check_cam_align(align)
     x = prepare_input(model, x)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    grids = cam_cell_grids(model, size) if align == "cells" else None
     with eval_mode(model), torch.no_grad():
         logits, cam = model.forward_with_cam(x)
-    heatmaps = upsample_cam(cam, (x.shape[-2], x.shape[-1])).relu()
+    heatmaps = upsample_cam(cam, size, grids).relu()
     return torch.sigmoid(logits.float()), heatmaps

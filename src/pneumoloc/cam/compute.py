@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from pneumoloc.cam.classic import classic_cam, prepare_input
+from pneumoloc.cam.classic import check_cam_align, classic_cam, prepare_input
 from pneumoloc.cam.gradcam import CamFn, library_cam
 from pneumoloc.cam.names import check_cam_method
 from pneumoloc.cam.tta import DEFAULT_TTA_SCALES, tta_cam
@@ -23,18 +23,26 @@ def open_cam(
     *,
     target_layers: Sequence[nn.Module] | None = None,
     batch_size: int | None = None,
+    align: str = "centre",
 ) -> Iterator[CamFn]:
     """Yield a function images -> (probs (B,), heatmaps (B, H, W)) for ``method``.
 
+    ``align`` is the classic CAM's upsampling (:data:`pneumoloc.cam.names.CAM_ALIGNS`); the
+    library methods upsample their own way and take only ``"centre"``.
+
     Raises:
-        ConfigError: Unknown method, or target layers given for "cam".
+        ConfigError: Unknown method, target layers given for "cam", or ``align="cells"`` with
+            a library method.
     """
     check_cam_method(method)
+    check_cam_align(align)
     if method == "cam":
         if target_layers:
             raise ConfigError("method 'cam' uses the model's own head; target_layers is not used")
-        yield lambda x: classic_cam(model, x)
+        yield lambda x: classic_cam(model, x, align)
         return
+    if align != "centre":
+        raise ConfigError(f"cam_align {align!r} is for the classic CAM (method 'cam') only")
     with library_cam(model, method, target_layers=target_layers, batch_size=batch_size) as fn:
         yield fn
 
@@ -49,6 +57,7 @@ def compute_cam(
     tta_scales: Sequence[float] = DEFAULT_TTA_SCALES,
     batch_size: int | None = None,
     scale_to_max: bool = False,
+    align: str = "centre",
 ) -> tuple[Tensor, Tensor]:
     """Pneumonia probabilities and heatmaps for a batch of images.
 
@@ -65,6 +74,7 @@ def compute_cam(
         batch_size: Largest number of images per forward pass (also ScoreCAM's number of
             masked copies per pass); default: the whole batch at once.
         scale_to_max: Divide each heatmap by its maximum (all-zero maps stay zero).
+        align: The classic CAM's upsampling (:data:`pneumoloc.cam.names.CAM_ALIGNS`).
 
     Returns:
         ``probs`` (B,) and ``heatmaps`` (B, H, W) float32 >= 0 at the input resolution, both on
@@ -79,7 +89,9 @@ def compute_cam(
     step = batch_size or max(1, len(x))
     probs: list[Tensor] = []
     maps: list[Tensor] = []
-    with open_cam(model, method, target_layers=target_layers, batch_size=batch_size) as fn:
+    with open_cam(
+        model, method, target_layers=target_layers, batch_size=batch_size, align=align
+    ) as fn:
         for start in range(0, len(x), step):
             chunk = x[start : start + step]
             p, h = tta_cam(fn, chunk, scales=tta_scales) if tta else fn(chunk)

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pneumoloc.errors import ConfigError
 
-__all__ = ["CAM_LAYER_CHOICES", "CAM_METHODS", "LIBRARY_METHODS", "check_cam_method"]
+__all__ = [
+    "CAM_ALIGNS",
+    "CAM_LAYER_CHOICES",
+    "CAM_METHODS",
+    "LIBRARY_METHODS",
+    "check_cam_method",
+]
 
 LIBRARY_METHODS: dict[str, str] = {
     "gradcam": "GradCAM",
@@ -24,6 +30,14 @@ pytorch_grad_cam class names."""
 
 CAM_LAYER_CHOICES = ("final", "stages")
 """``cam_layers`` options: the final feature map, or it fused with the two stages before it."""
+
+
+CAM_ALIGNS = ("centre", "cells")
+"""How the classic CAM is upsampled to the input: ``"centre"``, bilinear with
+``align_corners=False`` (cell ``j`` drawn at ``s * j + (s - 1) / 2``, every version before 0.3);
+``"cells"``, from where each cell's window really is centred (``pneumoloc.models.grid``: for the
+TensorFlow-padded ``tf_*`` models ``s * j + s - 1``, half a cell, 15.5 px at stride 32, further
+down and right; for symmetric padding ``s * j``)."""
 
 
 def check_cam_method(method: str) -> None:

@@ -268,11 +268,22 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
     twin = onnx_twin(checkpoint)
     if twin is None:
         return None
-    opened = _twin_predictor(checkpoint, twin, None, {"batch_size": predictor.batch_size})
+    from pneumoloc.inference.onnx_backend import read_onnx_metadata
+
+    try:
+        graph_align = read_onnx_metadata(twin).get("cam_align") or "centre"
+    except CheckpointError:
+        return None
+    if graph_align != recipe.cam_align:
+        return None  # the graph upsamples otherwise than this recipe asks
+    opened = _twin_predictor(
+        checkpoint, twin, None, {"batch_size": predictor.batch_size, "cam_align": graph_align}
+    )
     if not isinstance(opened, OnnxPredictor) or opened.image_size != predictor.image_size:
         return None
     meta = dict(predictor.meta)
     meta["weights_sha256"] = opened.meta.get("weights_sha256", "")
+    meta["cam_align"] = opened.recipe.cam_align
     return OnnxPredictor(
         session=opened.session,
         meta=meta,

@@ -136,6 +136,12 @@ class OnnxPredictor(BasePredictor):
             raise ConfigError("the ONNX backend has no test-time augmentation")
         if self.cam_layers not in (None, "final"):
             raise ConfigError("the ONNX backend has no multi-stage CAM fusion (--cam-layers)")
+        graph_align = self.meta.get("cam_align") or "centre"  # files before 0.3: "centre"
+        if self.recipe.cam_align != graph_align:
+            raise ConfigError(
+                f"this ONNX graph upsamples its CAM with cam_align {graph_align!r}; "
+                f"{self.recipe.cam_align!r} needs the torch backend (or a file exported so)"
+            )
 
     @classmethod
     def from_onnx(

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pneumoloc.cam import CAM_LAYER_CHOICES, check_cam_method
+from pneumoloc.cam import CAM_ALIGNS, CAM_LAYER_CHOICES, check_cam_method
 from pneumoloc.errors import ConfigError
 from pneumoloc.localise.boxes import BoxConfig
 from pneumoloc.localise.refine import REFINE_METHODS
@@ -56,6 +56,9 @@ class InferenceRecipe:
             decision threshold) or ``"f1"`` (the checkpoint's ``box_threshold``). Boxes never
             appear on an image decided negative.
         box_config: The heatmap -> boxes rule.
+        cam_align: How the classic CAM is upsampled: ``"centre"`` (``align_corners=False``, the
+            only way before 0.3) or ``"cells"`` (from each cell's true centre); see
+            :data:`pneumoloc.cam.names.CAM_ALIGNS`.
     """
 
     cam_method: str = "cam"
@@ -65,9 +68,18 @@ class InferenceRecipe:
     cam_layers: str | None = None
     box_gate: str = "decision"
     box_config: BoxConfig = field(default_factory=BoxConfig)
+    cam_align: str = "centre"
 
     def __post_init__(self) -> None:
         check_cam_method(self.cam_method)
+        if self.cam_align not in CAM_ALIGNS:
+            raise ConfigError(
+                f"unknown cam_align {self.cam_align!r}; choose one of {list(CAM_ALIGNS)}"
+            )
+        if self.cam_align != "centre" and self.cam_method != "cam":
+            raise ConfigError(
+                f"cam_align {self.cam_align!r} is for the classic CAM (cam_method 'cam') only"
+            )
         if self.refine not in (None, *REFINE_METHODS):
             raise ConfigError(
                 f"unknown refinement {self.refine!r}; choose one of {list(REFINE_METHODS)}"
@@ -120,9 +132,10 @@ class InferenceRecipe:
         return dataclasses.replace(self, **changes)
 
 
-ONNX_RECIPE_FIELDS = ("lung_mask", "refine", "box_gate", "box_config")
+ONNX_RECIPE_FIELDS = ("lung_mask", "refine", "box_gate", "box_config", "cam_align")
 """The settings an exported ONNX file carries: the graph computes the classic CAM without
-test-time augmentation or stage fusion, and everything after it runs in every backend."""
+test-time augmentation or stage fusion, upsampled as ``cam_align`` says (fixed in the graph),
+and everything after it runs in every backend."""
 
 DEFAULT_INFERENCE_RECIPE = InferenceRecipe(
     cam_method="cam",

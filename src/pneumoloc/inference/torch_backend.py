@@ -160,6 +160,7 @@ class Predictor(BasePredictor):
                         target_layers=target,
                         tta=self.tta,
                         scale_to_max=True,
+                        align=self.recipe.cam_align,
                     )
                     for m, target in zip(models, layers, strict=True)
                 ]

@@ -34,6 +34,7 @@ __all__ = [
     "Transition",
     "encoder_transitions",
     "feature_grids",
+    "model_transitions",
     "resample",
     "upsampling_centres",
 ]
@@ -130,6 +131,31 @@ def encoder_transitions(
             with a stride), or an intermediate's resolution is not reached by the hooked layers
             (a functional pooling, say).
     """
+
+    def run(probe: Tensor) -> list[Tensor]:
+        return list(
+            encoder.forward_intermediates(probe, indices=list(indices), intermediates_only=True)
+        )
+
+    return _strided_path(encoder, run, in_chans=in_chans, probe_size=probe_size)
+
+
+def model_transitions(model: Any, *, in_chans: int = 1, probe_size: int = 64) -> list[Transition]:
+    """:func:`encoder_transitions` for the final feature map of any model with a
+    ``forward_features`` (``pneumoloc.models.CamClassifier``: timm backbones and the others).
+
+    Raises:
+        ConfigError: As :func:`encoder_transitions`.
+    """
+    return _strided_path(
+        model,
+        lambda probe: [model.forward_features(probe)],
+        in_chans=in_chans,
+        probe_size=probe_size,
+    )
+
+
+def _strided_path(model: Any, run: Any, *, in_chans: int, probe_size: int) -> list[Transition]:
     seen: dict[int, tuple[Transition, int]] = {}
     errors: list[ConfigError] = []
 
@@ -143,22 +169,20 @@ def encoder_transitions(
         if step is not None and size_in not in seen:
             seen[size_in] = (step, int(output.shape[-2]))
 
-    handles = [m.register_forward_hook(hook) for m in encoder.modules()]
-    was_training = encoder.training
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    was_training = model.training
     try:
-        encoder.eval()
+        model.eval()
         with torch.no_grad():
-            param = next(encoder.parameters(), None)
+            param = next(model.parameters(), None)
             probe = torch.zeros(1, in_chans, probe_size, probe_size)
             if param is not None:
                 probe = probe.to(device=param.device, dtype=param.dtype)
-            feats = encoder.forward_intermediates(
-                probe, indices=list(indices), intermediates_only=True
-            )
+            feats = run(probe)
     finally:
         for handle in handles:
             handle.remove()
-        encoder.train(was_training)
+        model.train(was_training)
     if errors:
         raise errors[0]
     wanted = {int(f.shape[-2]) for f in feats}
