@@ -6,6 +6,9 @@ ImageNet weights, the classifier recipe of issue 12):
 * ``cam32``: the plain classifier (average pooling), CAM at stride 32;
 * ``pylon``: the same encoder with the PYLON pyramid decoder (stride 8) and global max pooling
   (``train --decoder pylon --pool max``);
+* ``pylon_drop``: ``pylon`` with top-down drop (``train --decoder-drop 0.5``: in training each
+  UP block zeroes the upsampled deeper map of an image with probability 0.5, so the lateral
+  path has to find the evidence; docs/localisation.md round 3b);
 * ``ensemble(...)``: the three seeds of a variant as one model (probability and heatmap
   averaged), with and without test-time augmentation.
 
@@ -41,6 +44,7 @@ from classifier_ablation import _load, _save
 VARIANTS: dict[str, dict[str, Any]] = {
     "cam32": {},
     "pylon": {"decoder": "pylon", "pool": "max"},
+    "pylon_drop": {"decoder": "pylon", "pool": "max", "decoder_drop": 0.5},
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "plain": {"lung_mask": False, "refine": "none"},
@@ -130,27 +134,9 @@ def main() -> None:
         "rsna": str(args.rsna),
         "kermany": str(args.kermany),
     }
-    models: list[tuple[str, Path]] = []
-    for variant in args.variants:
-        ckpts = []
-        for seed in args.seeds:
-            run = args.out / f"{variant}-s{seed}"
-            key = f"{variant}-s{seed}"
-            if not (run / "done").is_file():  # written when a training run finished
-                results["runs"][key] = _train(args, variant, seed, run)
-                (run / "done").write_text(str(results["runs"][key]["seconds"]))
-                _save(args.results, results)
-            ckpts.append(run / "best.pt")
-            models.append((key, run / "best.pt"))
-        ens = args.out / f"ensemble-{variant}.pt"
-        if not args.ensembles:
-            continue
-        if not ens.is_file():
-            from pneumoloc.ensemble import build_ensemble
 
-            build_ensemble(ckpts, [args.rsna, args.kermany], ens, device="cpu")
-        models.append((f"ensemble({variant})", ens))
-    for key, ckpt in models:
+    def evaluate_model(key: str, ckpt: Path) -> None:
+        """Every recipe and split of one model, right after it is made (a cut run keeps it)."""
         recipes = dict(RECIPES)
         if key.startswith("ensemble("):
             recipes["lung+tta"] = {"lung_mask": True, "refine": "none", "tta": True}
@@ -166,6 +152,26 @@ def main() -> None:
                 results["evals"][name] = res
                 _save(args.results, results)
                 print(name, json.dumps(res["localisation"]["vs_anatomy"]["model"]), flush=True)
+
+    for variant in args.variants:
+        ckpts = []
+        for seed in args.seeds:
+            run = args.out / f"{variant}-s{seed}"
+            key = f"{variant}-s{seed}"
+            if not (run / "done").is_file():  # written when a training run finished
+                results["runs"][key] = _train(args, variant, seed, run)
+                (run / "done").write_text(str(results["runs"][key]["seconds"]))
+                _save(args.results, results)
+            ckpts.append(run / "best.pt")
+            evaluate_model(key, run / "best.pt")
+        ens = args.out / f"ensemble-{variant}.pt"
+        if not args.ensembles:
+            continue
+        if not ens.is_file():
+            from pneumoloc.ensemble import build_ensemble
+
+            build_ensemble(ckpts, [args.rsna, args.kermany], ens, device="cpu")
+        evaluate_model(f"ensemble({variant})", ens)
 
 
 if __name__ == "__main__":
