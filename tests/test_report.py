@@ -245,3 +245,16 @@ def test_shipped_heatmap_table_is_matplotlibs_inferno_and_the_blend_matches_the_
     w = (0.4 * heat)[..., None]
     expected = np.clip((colours * w + grey[..., None] * (1.0 - w)) * 255.0 + 0.5, 0, 255)
     assert np.array_equal(overlay._blend(grey, heat, 0.4), expected.astype(np.uint8))
+
+
+def test_heatmap_colours_equal_matplotlibs_colormap_call() -> None:
+    """The web page's heatmap layer (serve) colours with the shipped table, value for value."""
+    from matplotlib import colormaps
+
+    from pneumoloc.report.overlay import heatmap_colours
+
+    heat = np.random.default_rng(2).random((33, 21), dtype=np.float32)
+    heat[0, :3] = (0.0, 1.0, 0.5)
+    expected = colormaps["inferno"](heat)[..., :3]
+    assert np.array_equal(heatmap_colours(heat), expected)
+    assert heat[0, 1] == 1.0  # the input is not changed

@@ -24,7 +24,14 @@ from PIL import Image, ImageDraw, ImageFont
 if TYPE_CHECKING:
     from pneumoloc.inference.prediction import Prediction
 
-__all__ = ["GT_COLOUR", "PRED_COLOUR", "prediction_overlay", "render_overlay", "save_png"]
+__all__ = [
+    "GT_COLOUR",
+    "PRED_COLOUR",
+    "heatmap_colours",
+    "prediction_overlay",
+    "render_overlay",
+    "save_png",
+]
 
 GT_COLOUR = (0, 229, 255)
 """Ground-truth boxes (cyan)."""
@@ -72,6 +79,13 @@ def _lut_index(values01: np.ndarray, n: int) -> np.ndarray:
     index = values01 * (np.float32(n) if values01.dtype == np.float32 else float(n))
     index[index == n] = n - 1
     return index.astype(np.intp)
+
+
+def heatmap_colours(heat01: np.ndarray) -> np.ndarray:
+    """RGB float64 (..., 3) of heat values in [0, 1]: ``matplotlib.colormaps["inferno"](heat)``
+    without its alpha, value for value, from the shipped table (no matplotlib import)."""
+    table = _heatmap_table()
+    return table[_lut_index(np.array(heat01, copy=True), len(table))]
 
 
 def _blend(grey01: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:

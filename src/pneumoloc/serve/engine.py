@@ -26,8 +26,6 @@ from pneumoloc.serve.settings import ServeSettings
 
 __all__ = ["Engine", "build_model_card", "public_describe", "without_server_paths"]
 
-_HEATMAP_CMAP = "inferno"  # the colour map of every pneumoloc overlay (report/overlay.py)
-
 
 def _png_b64(image: Image.Image) -> str:
     # One row filter and ISA-L's deflate at level 1 (pneumoloc.io.png): a tenth of the time
@@ -38,12 +36,12 @@ def _png_b64(image: Image.Image) -> str:
 
 
 def _heatmap_rgba(heatmap: np.ndarray) -> Image.Image:
-    """Colour-mapped heatmap whose alpha is the heat, as ``render_overlay`` blends it."""
-    from matplotlib import colormaps
+    """Colour-mapped heatmap whose alpha is the heat, as ``render_overlay`` blends it (the
+    overlays' "inferno" table, :func:`pneumoloc.report.overlay.heatmap_colours`)."""
+    from pneumoloc.report.overlay import heatmap_colours
 
     heat = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32), nan=0.0), 0.0, 1.0)
-    rgba = colormaps[_HEATMAP_CMAP](heat)
-    rgba[..., 3] = heat
+    rgba = np.concatenate([heatmap_colours(heat), heat[..., None].astype(np.float64)], axis=-1)
     return Image.fromarray(np.rint(rgba * 255.0).astype(np.uint8), mode="RGBA")
 
 
