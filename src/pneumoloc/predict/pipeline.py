@@ -226,11 +226,16 @@ def _process_pool(context: _Context, n_workers: int) -> ProcessPoolExecutor:
     Runtime, whose threads they do not inherit (its session is left behind,
     :meth:`pneumoloc.inference.BasePredictor.without_network`).
     """
+    import importlib
     import multiprocessing
     import warnings
 
-    import pneumoloc.io.png
-    import pneumoloc.report.overlay  # noqa: F401 - imported once here, not once per worker
+    # Imported here once, not once per worker (highdicom alone takes about a second).
+    preload = ["pneumoloc.io.png", "pneumoloc.report.overlay"]
+    if context.dicom_out is not None:
+        preload += ["highdicom.sr", "pneumoloc.predict.dicom_out", "pneumoloc.report.dicom"]
+    for name in preload:
+        importlib.import_module(name)
 
     pool = ProcessPoolExecutor(
         n_workers,
