@@ -9,6 +9,9 @@ ImageNet weights, the classifier recipe of issue 12):
 * ``pylon_drop``: ``pylon`` with top-down drop (``train --decoder-drop 0.5``: in training each
   UP block zeroes the upsampled deeper map of an image with probability 0.5, so the lateral
   path has to find the evidence; docs/localisation.md round 3b);
+* ``cam32_lse`` and ``pylon_lse``: the same two encoders with log-sum-exp pooling (r = 5,
+  ``train --pool lse``), the pooling that gave round 1's best pointing game (0.556 on test,
+  resnet18 at stride 8 on a GPU);
 * ``ensemble(...)``: the three seeds of a variant as one model (probability and heatmap
   averaged), with and without test-time augmentation.
 
@@ -45,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cam32": {},
     "pylon": {"decoder": "pylon", "pool": "max"},
     "pylon_drop": {"decoder": "pylon", "pool": "max", "decoder_drop": 0.5},
+    "cam32_lse": {"pool": "lse"},
+    "pylon_lse": {"decoder": "pylon", "pool": "lse"},
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "plain": {"lung_mask": False, "refine": "none"},
