@@ -12,6 +12,9 @@ ImageNet weights, the classifier recipe of issue 12):
 * ``cam32_lse`` and ``pylon_lse``: the same two encoders with log-sum-exp pooling (r = 5,
   ``train --pool lse``), the pooling that gave round 1's best pointing game (0.556 on test,
   resnet18 at stride 8 on a GPU);
+* ``pylon_outside``: ``pylon`` with the outside-lung loss (``train --outside-lung-loss 1``: the
+  CAM's strongest location outside the label-free lung mask is pushed to "no pneumonia";
+  ``pneumoloc.training.anatomy_loss``);
 * ``ensemble(...)``: the three seeds of a variant as one model (probability and heatmap
   averaged), with and without test-time augmentation.
 
@@ -50,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pylon_drop": {"decoder": "pylon", "pool": "max", "decoder_drop": 0.5},
     "cam32_lse": {"pool": "lse"},
     "pylon_lse": {"decoder": "pylon", "pool": "lse"},
+    "pylon_outside": {"decoder": "pylon", "pool": "max", "outside_lung_loss": 1.0},
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "plain": {"lung_mask": False, "refine": "none"},

@@ -295,3 +295,28 @@ def test_decoder_drop_reaches_the_model_and_needs_a_decoder() -> None:
         load_train_config(None, {"data": "x", "decoder_drop": 0.5})
     with pytest.raises(ConfigError, match=r"decoder_drop must be in \[0, 1\)"):
         load_train_config(None, {"data": "x", "decoder": "pylon", "decoder_drop": 1.0})
+
+
+def test_outside_lung_loss_is_validated_and_enters_the_training_step(
+    easy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="outside_lung_loss"):
+        load_train_config(None, {"data": "x", "outside_lung_loss": -1.0})
+    from pneumoloc.training import loop
+
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = loop.outside_lung_loss
+
+    def spy(cam: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        calls.append((tuple(cam.shape), tuple(images.shape)))
+        assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0  # before standardise
+        return real(cam, images)
+
+    monkeypatch.setattr(loop, "outside_lung_loss", spy)
+    train(_config(easy_cache, tmp_path / "off", epochs=1))
+    assert calls == []  # off by default
+    result = train(_config(easy_cache, tmp_path / "on", epochs=2, outside_lung_loss=1.0))
+    assert calls and all(len(c) == 3 and len(i) == 4 and c[0] == i[0] for c, i in calls)
+    assert result.best_metrics["auroc"] is not None
+    saved = load_train_config(tmp_path / "on" / "config.yaml", {})
+    assert saved.outside_lung_loss == 1.0

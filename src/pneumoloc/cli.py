@@ -294,6 +294,12 @@ def _add_train_parser(sub: Subparsers) -> None:
         help="top-down drop of the decoder in training (0 to <1; default 0): the stride-8 path "
         "must find the evidence itself (docs/localisation.md, round 3b)",
     )
+    p.add_argument(
+        "--outside-lung-loss",
+        type=float,
+        help="weight of an extra loss that pushes the CAM's strongest location outside the "
+        "label-free lung mask to 'no pneumonia' (default 0: off; docs/localisation.md round 3f)",
+    )
     p.add_argument("--split-seed", type=int)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--no-augment", action="store_true")
@@ -348,6 +354,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "pool": args.pool,
         "decoder": args.decoder,
         "decoder_drop": args.decoder_drop,
+        "outside_lung_loss": args.outside_lung_loss,
         "split_seed": args.split_seed,
         "tensorboard": args.tensorboard or None,
         "max_steps_per_epoch": args.max_steps_per_epoch,

@@ -204,10 +204,13 @@ class CamClassifier(nn.Module):
             return (weights * cam.float()).sum(dim=(-2, -1)).to(cam.dtype), cam, tapped
         return POOLS[self.pool](cam), cam, tapped
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, with_cam: bool = False) -> Any:
         """Logits of shape (B,), squeezed: one pneumonia logit per image.
 
         Use ``torch.sigmoid`` for probabilities and ``BCEWithLogitsLoss`` on float targets
-        of shape (B,) for training.
+        of shape (B,) for training. ``with_cam=True`` returns ``(logits, cam)`` as
+        :meth:`forward_with_cam` does, through ``__call__``, so a DDP or compiled wrapper
+        of the model can give the CAM to a training loss.
         """
-        return self.forward_with_cam(x)[0]
+        logits, cam = self.forward_with_cam(x)
+        return (logits, cam) if with_cam else logits

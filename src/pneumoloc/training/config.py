@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class TrainConfig:
     pool: str = "avg"
     decoder: str | None = None
     decoder_drop: float = 0.0
+    outside_lung_loss: float = 0.0
     drop_rate: float = 0.0
     split_seed: int = 0
     tensorboard: bool = False
@@ -89,6 +91,10 @@ class TrainConfig:
             (
                 self.decoder_drop == 0.0 or self.decoder is not None,
                 "decoder_drop (top-down drop) needs a decoder (--decoder pylon)",
+            ),
+            (
+                math.isfinite(self.outside_lung_loss) and self.outside_lung_loss >= 0.0,
+                "outside_lung_loss must be a finite weight >= 0",
             ),
             (
                 self.samples_per_epoch is None or self.samples_per_epoch >= 1,

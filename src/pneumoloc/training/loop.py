@@ -21,6 +21,7 @@ from torch.utils.data import DistributedSampler
 
 from pneumoloc.data.datasets import ImageLabelDataset, SourcesDataset
 from pneumoloc.io.preprocess import standardise
+from pneumoloc.training.anatomy_loss import outside_lung_loss
 from pneumoloc.training.augment import augment_batch
 from pneumoloc.training.checkpointing import rng_states
 from pneumoloc.training.config import TrainConfig
@@ -131,17 +132,22 @@ def train_step(
     pos_weight: float,
 ) -> torch.Tensor:
     """Augment, forward, loss, backward, optimiser and schedule step; the (undetached) loss."""
-    x = standardise(augment_batch(images.float() / 255.0, config.augment, generator))
+    augmented = augment_batch(images.float() / 255.0, config.augment, generator)
+    x = standardise(augmented)
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     device, amp_dtype = state.device, state.amp_dtype
+    anatomy = config.outside_lung_loss > 0
     with torch.autocast(
         device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
     ):
-        logits = state.step_model(x)
+        out = state.step_model(x, with_cam=True) if anatomy else state.step_model(x)
+    logits, cam = out if anatomy else (out, None)
     loss = bce_or_focal(
         logits, targets, pos_weight=pos_weight, loss=config.loss, gamma=config.focal_gamma
     )
+    if cam is not None:
+        loss = loss + config.outside_lung_loss * outside_lung_loss(cam, augmented)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
