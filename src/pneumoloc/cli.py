@@ -134,6 +134,14 @@ def _add_heatmap_options(p: argparse.ArgumentParser) -> None:
         help="classic CAM upsampling: align_corners=False (centre) or from each feature cell's "
         "true centre (cells); default: the checkpoint's",
     )
+    p.add_argument(
+        "--cam-floor",
+        choices=["relu", "shift"],
+        default=None,
+        help="classic CAM to heatmap: clip negative evidence (relu) or subtract each map's "
+        "minimum (shift: a film whose every location votes 'no' keeps its ranking; torch "
+        "backend); default: the checkpoint's",
+    )
 
 
 # ---- synth -----------------------------------------------------------------------------------
@@ -508,6 +516,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cam_layers=args.cam_layers,
         box_gate=args.box_gate,
         cam_align=args.cam_align,
+        cam_floor=args.cam_floor,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,

@@ -504,6 +504,7 @@ def evaluate(
     cam_layers: str | None = None,
     box_gate: str | None = None,
     cam_align: str | None = None,
+    cam_floor: str | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -533,6 +534,8 @@ def evaluate(
         box_gate: "decision" or "f1" (None: the checkpoint's): which threshold gates boxes.
         cam_align: The classic CAM's upsampling, "centre" or "cells" (None: the checkpoint's;
             see ``pneumoloc.cam.names.CAM_ALIGNS``).
+        cam_floor: "relu" or "shift" (None: the checkpoint's; ``CAM_FLOORS``): how the classic
+            CAM becomes a heatmap; "shift" runs the torch backend (ONNX graphs clip).
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the
@@ -566,6 +569,8 @@ def evaluate(
         kwargs["box_gate"] = box_gate
     if cam_align is not None:
         kwargs["cam_align"] = cam_align
+    if cam_floor is not None:
+        kwargs["cam_floor"] = cam_floor
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     predictor: BasePredictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)

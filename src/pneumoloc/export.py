@@ -248,6 +248,14 @@ def export_onnx(
             meta.get("cam_method"),
             " with TTA" if meta.get("tta") else "",
         )
+    if (meta.get("cam_floor") or "relu") != "relu":
+        logger.warning(
+            "%s asks for cam_floor %r by default; the ONNX graph computes 'relu' (its heatmaps "
+            "are zero where every location votes 'no'); use the torch backend for %r",
+            path,
+            meta.get("cam_floor"),
+            meta.get("cam_floor"),
+        )
     if meta.get("detector"):
         logger.warning(
             "%s holds a self-trained box detector; the ONNX file carries the classifier only, "

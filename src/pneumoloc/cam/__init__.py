@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from pneumoloc.cam.names import (
     CAM_ALIGNS,
+    CAM_FLOORS,
     CAM_LAYER_CHOICES,
     CAM_METHODS,
     LIBRARY_METHODS,
+    check_cam_floor,
     check_cam_method,
 )
 
@@ -60,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CAM_ALIGNS",
+    "CAM_FLOORS",
     "CAM_LAYER_CHOICES",
     "CAM_METHODS",
     "DEFAULT_TTA_SCALES",
@@ -67,6 +70,7 @@ __all__ = [
     "SingleLogitAsColumn",
     "cam_cell_grids",
     "cam_layers_of",
+    "check_cam_floor",
     "check_cam_method",
     "classic_cam",
     "compute_cam",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pneumoloc.cam.names import CAM_ALIGNS
+from pneumoloc.cam.names import CAM_ALIGNS, check_cam_floor
 from pneumoloc.errors import ConfigError
 from pneumoloc.models.classifier import CamClassifier
 from pneumoloc.models.grid import CellGrid, Transition, feature_grids, model_transitions, resample
@@ -103,23 +103,32 @@ def check_cam_align(align: str) -> None:
         raise ConfigError(f"unknown cam_align {align!r}; choose one of {list(CAM_ALIGNS)}")
 
 
-def classic_cam(model: CamClassifier, x: Tensor, align: str = "centre") -> tuple[Tensor, Tensor]:
+def classic_cam(
+    model: CamClassifier, x: Tensor, align: str = "centre", floor: str = "relu"
+) -> tuple[Tensor, Tensor]:
     """Probabilities and classic CAM heatmaps from one forward pass, in eval mode.
 
     Args:
         model: The classifier; its training flags are restored afterwards.
         x: Images (B, 1, H, W); moved to the model's device.
         align: How the CAM is upsampled (:data:`pneumoloc.cam.names.CAM_ALIGNS`).
+        floor: ``"relu"`` clips negative evidence to 0; ``"shift"`` subtracts each map's
+            minimum instead (:data:`pneumoloc.cam.names.CAM_FLOORS`).
 
     Returns:
         ``probs`` (B,), the sigmoid of the logits, and ``heatmaps`` (B, H, W) float32 >= 0 in
         logit units at the input resolution, both on the model's device.
     """
     check_cam_align(align)
+    check_cam_floor(floor)
     x = prepare_input(model, x)
     size = (int(x.shape[-2]), int(x.shape[-1]))
     grids = cam_cell_grids(model, size) if align == "cells" else None
     with eval_mode(model), torch.no_grad():
         logits, cam = model.forward_with_cam(x)
-    heatmaps = upsample_cam(cam, size, grids).relu()
+    heatmaps = upsample_cam(cam, size, grids)
+    if floor == "shift":
+        heatmaps = heatmaps - heatmaps.amin(dim=(-2, -1), keepdim=True)
+    else:
+        heatmaps = heatmaps.relu()
     return torch.sigmoid(logits.float()), heatmaps

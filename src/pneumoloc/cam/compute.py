@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pneumoloc.cam.classic import check_cam_align, classic_cam, prepare_input
 from pneumoloc.cam.gradcam import CamFn, library_cam
-from pneumoloc.cam.names import check_cam_method
+from pneumoloc.cam.names import check_cam_floor, check_cam_method
 from pneumoloc.cam.tta import DEFAULT_TTA_SCALES, tta_cam
 from pneumoloc.errors import ConfigError
 from pneumoloc.models.classifier import CamClassifier
@@ -24,6 +24,7 @@ def open_cam(
     target_layers: Sequence[nn.Module] | None = None,
     batch_size: int | None = None,
     align: str = "centre",
+    floor: str = "relu",
 ) -> Iterator[CamFn]:
     """Yield a function images -> (probs (B,), heatmaps (B, H, W)) for ``method``.
 
@@ -36,13 +37,16 @@ def open_cam(
     """
     check_cam_method(method)
     check_cam_align(align)
+    check_cam_floor(floor)
     if method == "cam":
         if target_layers:
             raise ConfigError("method 'cam' uses the model's own head; target_layers is not used")
-        yield lambda x: classic_cam(model, x, align)
+        yield lambda x: classic_cam(model, x, align, floor)
         return
     if align != "centre":
         raise ConfigError(f"cam_align {align!r} is for the classic CAM (method 'cam') only")
+    if floor != "relu":
+        raise ConfigError(f"cam_floor {floor!r} is for the classic CAM (method 'cam') only")
     with library_cam(model, method, target_layers=target_layers, batch_size=batch_size) as fn:
         yield fn
 
@@ -58,6 +62,7 @@ def compute_cam(
     batch_size: int | None = None,
     scale_to_max: bool = False,
     align: str = "centre",
+    floor: str = "relu",
 ) -> tuple[Tensor, Tensor]:
     """Pneumonia probabilities and heatmaps for a batch of images.
 
@@ -75,6 +80,7 @@ def compute_cam(
             masked copies per pass); default: the whole batch at once.
         scale_to_max: Divide each heatmap by its maximum (all-zero maps stay zero).
         align: The classic CAM's upsampling (:data:`pneumoloc.cam.names.CAM_ALIGNS`).
+        floor: How the classic CAM is made non-negative (:data:`pneumoloc.cam.names.CAM_FLOORS`).
 
     Returns:
         ``probs`` (B,) and ``heatmaps`` (B, H, W) float32 >= 0 at the input resolution, both on
@@ -90,7 +96,12 @@ def compute_cam(
     probs: list[Tensor] = []
     maps: list[Tensor] = []
     with open_cam(
-        model, method, target_layers=target_layers, batch_size=batch_size, align=align
+        model,
+        method,
+        target_layers=target_layers,
+        batch_size=batch_size,
+        align=align,
+        floor=floor,
     ) as fn:
         for start in range(0, len(x), step):
             chunk = x[start : start + step]

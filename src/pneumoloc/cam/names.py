@@ -7,6 +7,7 @@ from pneumoloc.errors import ConfigError
 
 __all__ = [
     "CAM_ALIGNS",
+    "CAM_FLOORS",
     "CAM_LAYER_CHOICES",
     "CAM_METHODS",
     "LIBRARY_METHODS",
@@ -38,6 +39,20 @@ CAM_ALIGNS = ("centre", "cells")
 ``"cells"``, from where each cell's window really is centred (``pneumoloc.models.grid``: for the
 TensorFlow-padded ``tf_*`` models ``s * j + s - 1``, half a cell, 15.5 px at stride 32, further
 down and right; for symmetric padding ``s * j``)."""
+
+
+CAM_FLOORS = ("relu", "shift")
+"""How the classic CAM becomes a non-negative heatmap: ``"relu"`` clips negative evidence to 0
+(every version before 0.4; a film whose every cell votes "no pneumonia" gets an all-zero map,
+no peak and no box); ``"shift"`` subtracts the map's own minimum, so the locations keep their
+ranking on every film (docs/localisation.md, round 3f: with global max pooling most truly
+positive films of the RSNA sample have an all-negative CAM)."""
+
+
+def check_cam_floor(floor: str) -> None:
+    """Raise :class:`ConfigError` naming the choices unless ``floor`` is in ``CAM_FLOORS``."""
+    if floor not in CAM_FLOORS:
+        raise ConfigError(f"unknown cam_floor {floor!r}; choose one of {list(CAM_FLOORS)}")
 
 
 def check_cam_method(method: str) -> None:

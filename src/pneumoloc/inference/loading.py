@@ -263,6 +263,7 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
         or recipe.cam_method != "cam"
         or recipe.tta
         or recipe.cam_layers not in (None, "final")
+        or recipe.cam_floor != "relu"
     ):
         return None
     twin = onnx_twin(checkpoint)

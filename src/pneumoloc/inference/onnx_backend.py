@@ -136,6 +136,11 @@ class OnnxPredictor(BasePredictor):
             raise ConfigError("the ONNX backend has no test-time augmentation")
         if self.cam_layers not in (None, "final"):
             raise ConfigError("the ONNX backend has no multi-stage CAM fusion (--cam-layers)")
+        if self.recipe.cam_floor != "relu":
+            raise ConfigError(
+                f"this ONNX graph clips its CAM with cam_floor 'relu'; "
+                f"{self.recipe.cam_floor!r} needs the torch backend"
+            )
         graph_align = self.meta.get("cam_align") or "centre"  # files before 0.3: "centre"
         if self.recipe.cam_align != graph_align:
             raise ConfigError(

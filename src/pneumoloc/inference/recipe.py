@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pneumoloc.cam import CAM_ALIGNS, CAM_LAYER_CHOICES, check_cam_method
+from pneumoloc.cam import CAM_ALIGNS, CAM_LAYER_CHOICES, check_cam_floor, check_cam_method
 from pneumoloc.errors import ConfigError
 from pneumoloc.localise.boxes import BoxConfig
 from pneumoloc.localise.refine import REFINE_METHODS
@@ -59,6 +59,10 @@ class InferenceRecipe:
         cam_align: How the classic CAM is upsampled: ``"centre"`` (``align_corners=False``, the
             only way before 0.3) or ``"cells"`` (from each cell's true centre); see
             :data:`pneumoloc.cam.names.CAM_ALIGNS`.
+        cam_floor: How the classic CAM is made non-negative: ``"relu"`` (negative evidence
+            clipped to 0, the only way before 0.4) or ``"shift"`` (each map minus its minimum,
+            so a film whose every location votes "no" still ranks them); see
+            :data:`pneumoloc.cam.names.CAM_FLOORS`. ONNX graphs compute ``"relu"`` only.
     """
 
     cam_method: str = "cam"
@@ -69,9 +73,15 @@ class InferenceRecipe:
     box_gate: str = "decision"
     box_config: BoxConfig = field(default_factory=BoxConfig)
     cam_align: str = "centre"
+    cam_floor: str = "relu"
 
     def __post_init__(self) -> None:
         check_cam_method(self.cam_method)
+        check_cam_floor(self.cam_floor)
+        if self.cam_floor != "relu" and self.cam_method != "cam":
+            raise ConfigError(
+                f"cam_floor {self.cam_floor!r} is for the classic CAM (cam_method 'cam') only"
+            )
         if self.cam_align not in CAM_ALIGNS:
             raise ConfigError(
                 f"unknown cam_align {self.cam_align!r}; choose one of {list(CAM_ALIGNS)}"

@@ -161,6 +161,7 @@ class Predictor(BasePredictor):
                         tta=self.tta,
                         scale_to_max=True,
                         align=self.recipe.cam_align,
+                        floor=self.recipe.cam_floor,
                     )
                     for m, target in zip(models, layers, strict=True)
                 ]
