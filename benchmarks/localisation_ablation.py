@@ -22,7 +22,10 @@ Inference recipes applied to every model:
 
 * ``plain``: the raw CAM, no lung mask, no refinement (plain CAM, the baseline);
 * ``lung``: heatmap restricted to the label-free lung mask;
-* ``lung+rw``: lung mask and random-walk refinement (the shipped recipe before this issue).
+* ``lung+rw``: lung mask and random-walk refinement (the shipped recipe before this issue);
+* ``lung+shift`` / ``lung+rw+shift``: the same with ``cam_floor="shift"`` (the heatmap is the
+  CAM minus its minimum instead of its ReLU, so a film whose every location votes "no" keeps
+  a ranking; docs/localisation.md round 3f).
 
 Every ``evaluate`` call also measures, on the same images, the anatomy baselines (one box per
 lung field; its lower two thirds; a random point in the lung mask) and the label-gated figures
@@ -59,6 +62,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "plain": {"lung_mask": False, "refine": "none"},
     "lung": {"lung_mask": True, "refine": "none"},
     "lung+rw": {"lung_mask": True, "refine": "randomwalk"},
+    "lung+shift": {"lung_mask": True, "refine": "none", "cam_floor": "shift"},
+    "lung+rw+shift": {"lung_mask": True, "refine": "randomwalk", "cam_floor": "shift"},
 }
 
 

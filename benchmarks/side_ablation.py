@@ -14,7 +14,11 @@ Measured per checkpoint, on the truly positive films of each split (label-gated)
 * ``lung_sides@s``: lung-field boxes (one per half of the lung mask), each kept only when its
   half holds at least ``s`` of the map's in-lung mass, scored by that share;
 * ``lung_fields``: both lung-field boxes always (the anatomy baseline, same films);
-* ``peak``: the shipped box rule on the same heatmap.
+* ``peak``: the shipped box rule on the same heatmap;
+* ``raw_peak_in_lung`` / ``raw_peak_right_half``: where the *unrestricted* CAM (``plain``
+  recipe) peaks: the share of the positive films whose maximum lies inside the label-free lung
+  mask (the issue's question "where does its evidence sit instead"), and in the image's right
+  half (the patient's left, the heart's side).
 
 The validation split chooses ``s``; the test split is reported. No box reaches anything but the
 figures.
@@ -87,13 +91,17 @@ def main() -> None:
         predictor = Predictor.from_checkpoint(
             run / "best.pt", device="cpu", lung_mask=True, refine=None
         )
+        raw_predictor = Predictor.from_checkpoint(
+            run / "best.pt", device="cpu", lung_mask=False, refine=None
+        )
         entry: dict[str, Any] = {}
         for split in ("val", "test"):
             rows = cache.split.part(split)
             preds = predict_split(predictor, cache, rows, progress=False)
+            raw = predict_split(raw_predictor, cache, rows, progress=False)
             pos = [i for i in range(len(preds)) if preds.labels[i] == 1 and len(preds.gts[i])]
             gts = [preds.gts[i] for i in pos]
-            sides, hits = 0, 0
+            sides, hits, in_lung, right_half = 0, 0, 0, 0
             rules: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
                 "lung_fields": [],
                 "peak": [],
@@ -103,6 +111,10 @@ def main() -> None:
                 h0, w0 = (int(v) for v in preds.shapes[i])
                 mask = preds.lung_mask(i)
                 hm = np.asarray(preds.heatmaps[i], np.float32)
+                raw_hm = np.asarray(raw.heatmaps[i], np.float32)
+                r, c = np.unravel_index(int(np.argmax(raw_hm)), raw_hm.shape)
+                in_lung += bool(mask is not None and mask[r, c])
+                right_half += c >= raw_hm.shape[1] // 2
                 left, right = half_shares(hm, mask)
                 truth_side = side_of_boxes(preds.gts[i], w0)
                 if truth_side is not None:
@@ -125,6 +137,8 @@ def main() -> None:
                 "n_positive": len(pos),
                 "n_one_sided": sides,
                 "side_accuracy": hits / sides if sides else None,
+                "raw_peak_in_lung": in_lung / len(pos) if pos else None,
+                "raw_peak_right_half": right_half / len(pos) if pos else None,
                 **{
                     rule: {
                         "rsna_map_label_gated": rsna_map(pairs, gts),
