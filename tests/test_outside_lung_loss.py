@@ -22,9 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pneumoloc.cam import compute_cam
 from pneumoloc.io.preprocess import to_model_input
-from pneumoloc.localise.boxes import BoxConfig, cam_to_boxes
+from pneumoloc.localise.boxes import BoxConfig
 from pneumoloc.localise.lungs import estimate_lung_mask
 from pneumoloc.models import build_model
 from pneumoloc.models.pyramid import TOP_DOWN_DROP
@@ -36,8 +35,10 @@ from test_planted_opacity import (
     SIZE,
     STEPS,
     Planted,
+    _two_threads,  # noqa: F401  (its autouse fixture: two torch threads for this module)
     chest_batch,
     passes,
+    score_positives,
 )
 
 MARKER = 12  # px, the side of the shortcut's square
@@ -85,44 +86,18 @@ def localisation(model: torch.nn.Module) -> dict[str, Any]:
     """Pointing / box hit on held-out positives with the marker, as the planted test measures
     them, with boxes drawn as the shipped recipe draws them (heatmap restricted to the
     estimated lung mask); plus how often the peak is on the marker (within one stride-8 cell)."""
-    from sklearn.metrics import roc_auc_score
-
     g = torch.Generator().manual_seed(12345)
     ones, zeros = torch.ones(N_TEST), torch.zeros(N_TEST)
     pos, markers = with_marker(g, chest_batch(g, ones), ones)
     neg = chest_batch(g, zeros)
-    probs, heat = compute_cam(model, to_model_input(torch.cat([pos.images, neg.images])))
-    heat_np = heat.numpy()
-    pointing = hits = on_marker = 0
+    masks = [estimate_lung_mask(pos.images[i, 0].numpy()) for i in range(N_TEST)]
+    metrics, heat = score_positives(model, pos, neg, BoxConfig(), masks)
+    on_marker = 0
     for i in range(N_TEST):
-        bx, by, bw, bh = pos.blob[i].tolist()
-        py, px = divmod(int(heat_np[i].argmax()), SIZE)
-        pointing += bx <= px + 0.5 <= bx + bw and by <= py + 0.5 <= by + bh
+        py, px = divmod(int(heat[i].argmax()), SIZE)
         mx, my, mw, mh = markers[i].tolist()
         on_marker += mx - 8 <= px <= mx + mw + 8 and my - 8 <= py <= my + mh + 8
-        mask = estimate_lung_mask(pos.images[i, 0].numpy())
-        out = cam_to_boxes(heat_np[i], 1.0, threshold=0.0, config=BoxConfig(), lung_mask=mask)
-        if len(out) == 0:
-            continue
-        x, y, w, h = out.boxes[0]
-        area = w * h / float(pos.lung_box[i, 2] * pos.lung_box[i, 3])
-        cx, cy = bx + bw / 2, by + bh / 2
-        hits += bool(x <= cx <= x + w and y <= cy <= y + h and area < 1 / 3)
-    labels = np.r_[np.ones(N_TEST), np.zeros(N_TEST)]
-    return {
-        "pointing": pointing / N_TEST,
-        "box_hit": hits / N_TEST,
-        "on_marker": on_marker / N_TEST,
-        "auroc": float(roc_auc_score(labels, probs.numpy())),
-    }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _two_threads():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    return {**metrics, "on_marker": on_marker / N_TEST}
 
 
 def test_the_marker_is_outside_the_estimated_lungs() -> None:

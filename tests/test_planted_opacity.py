@@ -132,27 +132,35 @@ def localisation(
     """Pointing and box-hit fractions on held-out positives (+ AUROC against as many negatives,
     + median best-box area over the lung's bounding box). ``lung_mask``: boxes from the map
     zeroed outside the (true) lung fields, as the shipped recipe does with its own masks."""
-    from sklearn.metrics import roc_auc_score
-
     g = torch.Generator().manual_seed(12345)
     pos = chest_batch(g, torch.ones(N_TEST))
     neg = chest_batch(g, torch.zeros(N_TEST))
+    masks = [pos.lungs[i].numpy() if lung_mask else None for i in range(N_TEST)]
+    return score_positives(model, pos, neg, config or BoxConfig(), masks)[0]
+
+
+def score_positives(
+    model: torch.nn.Module,
+    pos: Planted,
+    neg: Planted,
+    config: BoxConfig,
+    masks: list[np.ndarray | None],
+) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`localisation`'s figures for given positives and negatives (``masks``: per
+    positive the lung mask its boxes are drawn inside, or None), and the positives' heatmaps."""
+    from sklearn.metrics import roc_auc_score
+
+    n = len(pos.images)
     blobs, lungs = pos.blob, pos.lung_box
     probs, heat = compute_cam(model, to_model_input(torch.cat([pos.images, neg.images])))
     heat_np = heat.numpy()
     pointing = hits = 0
     areas = []
-    for i in range(N_TEST):
+    for i in range(n):
         bx, by, bw, bh = blobs[i].tolist()
         py, px = divmod(int(heat_np[i].argmax()), SIZE)
         pointing += bx <= px + 0.5 <= bx + bw and by <= py + 0.5 <= by + bh
-        out = cam_to_boxes(
-            heat_np[i],
-            1.0,
-            threshold=0.0,
-            config=config or BoxConfig(),
-            lung_mask=pos.lungs[i].numpy() if lung_mask else None,
-        )
+        out = cam_to_boxes(heat_np[i], 1.0, threshold=0.0, config=config, lung_mask=masks[i])
         if len(out) == 0:
             areas.append(float("inf"))
             continue
@@ -161,13 +169,14 @@ def localisation(
         areas.append(area)
         cx, cy = bx + bw / 2, by + bh / 2
         hits += bool(x <= cx <= x + w and y <= cy <= y + h and area < 1 / 3)
-    labels = np.r_[np.ones(N_TEST), np.zeros(N_TEST)]
-    return {
-        "pointing": pointing / N_TEST,
-        "box_hit": hits / N_TEST,
+    labels = np.r_[np.ones(n), np.zeros(len(neg.images))]
+    metrics = {
+        "pointing": pointing / n,
+        "box_hit": hits / n,
         "median_area": float(np.median(areas)),
         "auroc": float(roc_auc_score(labels, probs.numpy())),
     }
+    return metrics, heat_np[:n]
 
 
 def passes(m: dict[str, float]) -> bool:
