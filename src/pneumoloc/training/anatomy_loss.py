@@ -11,9 +11,9 @@ estimate_lung_mask`, grown by 8 % of the image side), computed on each augmented
 (about 9 ms per 192 px image on this project's 2-core CPU, so it costs a few percent of a step).
 A CAM cell counts as outside when less than half of it (:data:`OUTSIDE_SHARE`) is lung mask;
 images without a mask or without such cells do not enter the term. (A first rule, "no mask
-pixel in the cell", left the evidence in the boundary cells, on the heart border and the chest
-wall: docs/localisation.md, round 3f.) No box of any image is used: the mask comes from the
-pixels alone. Inference is unchanged (the model is the same network, pooled the same way).
+pixel in the cell", was run for one seed and replaced before it was understood that its ReLU'd
+heatmaps were mostly empty: docs/localisation.md, round 3f.) No box of any image is used: the
+mask comes from the pixels alone. Inference is unchanged (the same network, pooled the same way).
 """
 
 from __future__ import annotations
