@@ -16,7 +16,9 @@ ImageNet weights, the classifier recipe of issue 12):
   CAM's strongest location outside the label-free lung mask is pushed to "no pneumonia";
   ``pneumoloc.training.anatomy_loss``);
 * ``ensemble(...)``: the three seeds of a variant as one model (probability and heatmap
-  averaged), with and without test-time augmentation.
+  averaged), with and without test-time augmentation;
+* ``--checkpoints NAME=PATH``: models trained elsewhere (the shipped default, say), scored
+  under the same recipes on the same splits, not trained again.
 
 Inference recipes applied to every model:
 
@@ -59,9 +61,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pylon_outside": {"decoder": "pylon", "pool": "max", "outside_lung_loss": 1.0},
 }
 RECIPES: dict[str, dict[str, Any]] = {
-    "plain": {"lung_mask": False, "refine": "none"},
-    "lung": {"lung_mask": True, "refine": "none"},
-    "lung+rw": {"lung_mask": True, "refine": "randomwalk"},
+    # "relu" named: a checkpoint that stores another floor (the issue-13 default) is read
+    # the same way as the others under these three
+    "plain": {"lung_mask": False, "refine": "none", "cam_floor": "relu"},
+    "lung": {"lung_mask": True, "refine": "none", "cam_floor": "relu"},
+    "lung+rw": {"lung_mask": True, "refine": "randomwalk", "cam_floor": "relu"},
     "lung+shift": {"lung_mask": True, "refine": "none", "cam_floor": "shift"},
     "lung+rw+shift": {"lung_mask": True, "refine": "randomwalk", "cam_floor": "shift"},
 }
@@ -130,10 +134,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=192)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--checkpoints",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="existing checkpoints to score beside the variants (no training)",
+    )
     args = parser.parse_args()
+    extra = {}
+    for item in args.checkpoints:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            parser.error(f"--checkpoints {item!r}: give NAME=PATH of an existing checkpoint")
+        extra[name] = Path(path)
     logging.basicConfig(level=logging.WARNING)
     results = _load(args.results)
     results["setup"] = {
@@ -166,6 +183,11 @@ def main() -> None:
                 results["evals"][name] = res
                 _save(args.results, results)
                 print(name, json.dumps(res["localisation"]["vs_anatomy"]["model"]), flush=True)
+
+    # kept across re-runs: which file each extra name scored
+    results.setdefault("checkpoints", {}).update({k: str(v) for k, v in extra.items()})
+    for name, path in extra.items():
+        evaluate_model(name, path)
 
     for variant in args.variants:
         ckpts = []

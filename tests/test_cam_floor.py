@@ -82,7 +82,9 @@ def test_cam_floor_is_checked_and_only_for_the_classic_cam() -> None:
         compute_cam(_negative_model(), torch.zeros(1, 1, 32, 32), floor="abs")
 
 
-def test_torch_predictor_takes_the_floor_and_onnx_refuses_it(tmp_path: Path) -> None:
+def test_torch_predictor_takes_the_floor_and_the_onnx_graph_carries_it(tmp_path: Path) -> None:
+    """A graph exported with ``cam_floor`` shift computes the torch backend's shifted maps; a
+    ReLU graph refuses a shift override (and evaluate keeps torch for it), and the reverse."""
     from conftest import save_untrained_checkpoint
     from pneumoloc.export import export_onnx
     from pneumoloc.inference.loading import onnx_equivalent
@@ -99,3 +101,24 @@ def test_torch_predictor_takes_the_floor_and_onnx_refuses_it(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="cam_floor"):
         OnnxPredictor.from_onnx(path, cam_floor="shift")
     assert onnx_equivalent(shifted, ckpt) is None  # evaluate keeps the torch backend
+
+    shift_ckpt = save_untrained_checkpoint(
+        tmp_path / "s.pt", "smallcamnet", size=32, threshold=0.5, cam_floor="shift"
+    )
+    export = export_onnx(shift_ckpt, tmp_path / "s.onnx")
+    assert export.max_abs_diff_heatmap <= 1e-3
+    onnx_shift = OnnxPredictor.from_onnx(tmp_path / "s.onnx", lung_mask=False)
+    torch_shift = Predictor.from_checkpoint(shift_ckpt, device="cpu", lung_mask=False)
+    torch_relu = Predictor.from_checkpoint(
+        shift_ckpt, device="cpu", lung_mask=False, cam_floor="relu"
+    )
+    (_, h_onnx), (_, h_torch), (_, h_relu) = (
+        p.heatmaps(images) for p in (onnx_shift, torch_shift, torch_relu)
+    )
+    assert np.abs(h_onnx - h_torch).max() <= 1e-3
+    assert np.abs(h_relu - h_torch).max() > 1e-2  # the floors differ on these images
+    with pytest.raises(ConfigError, match="cam_floor"):
+        OnnxPredictor.from_onnx(tmp_path / "s.onnx", cam_floor="relu")
+    twin = onnx_equivalent(torch_shift, tmp_path / "s.pt")
+    assert twin is not None and twin.recipe.cam_floor == "shift"
+    assert onnx_equivalent(torch_relu, tmp_path / "s.pt") is None

@@ -101,3 +101,64 @@ def test_ensemble_refuses_what_cannot_be_averaged(
         model_from_checkpoint(tmp_path / "e.pt")
     with pytest.raises(ConfigError, match="already an ensemble"):
         build_ensemble([tmp_path / "e.pt", paths[0]], cache_dir, tmp_path / "e2.pt", device="cpu")
+
+
+def test_a_localiser_pair_takes_each_output_from_its_own_member(
+    members: tuple[list[Path], Path], tmp_path: Path
+) -> None:
+    """``ensemble A --localiser B``: A's probability and decisions exactly, B's heatmap and
+    recipe; the same in the ONNX graph. The control, a plain ensemble of the same two files,
+    averages both outputs (so a pair that averaged would fail the equalities)."""
+    pytest.importorskip("onnxruntime")
+    from pneumoloc.ensemble import build_ensemble
+    from pneumoloc.export import export_onnx
+    from pneumoloc.inference.onnx_backend import OnnxPredictor
+    from pneumoloc.models.checkpoint import load_checkpoint, save_checkpoint
+
+    paths, cache_dir = members
+    localiser = load_checkpoint(paths[1])
+    localiser.update(cam_floor="shift", lung_mask=False)  # a recipe of its own
+    save_checkpoint(paths[1], localiser)
+    result = build_ensemble(
+        [paths[0]], None, tmp_path / "pair.pt", device="cpu", localisers=[paths[1]]
+    )
+    assert result.n_members == 2
+    pair = Predictor.from_checkpoint(tmp_path / "pair.pt", device="cpu")
+    assert [m["role"] for m in pair.meta["members"]] == ["probability", "heatmap"]
+    assert pair.recipe.cam_floor == "shift" and not pair.recipe.lung_mask
+    classifier = Predictor.from_checkpoint(paths[0], device="cpu", cam_floor="shift")
+    localiser_pred = Predictor.from_checkpoint(paths[1], device="cpu")
+    x = np.random.default_rng(3).integers(0, 255, (4, 32, 32), dtype=np.uint8)
+    p_pair, h_pair, _ = pair.network(x)
+    p_cls, h_cls, _ = classifier.network(x)
+    p_loc, h_loc, _ = localiser_pred.network(x)
+    assert not np.allclose(p_cls, p_loc) and not np.allclose(h_cls, h_loc)
+    np.testing.assert_array_equal(p_pair, p_cls)
+    np.testing.assert_array_equal(h_pair, h_loc)
+    # one classifier: its own threshold and temperature, so its decisions are unchanged
+    assert result.threshold == classifier.threshold == pair.threshold
+    assert pair.temperature == classifier.temperature
+    np.testing.assert_array_equal(pair.heatmaps(x)[0], classifier.heatmaps(x)[0])
+
+    both = build_ensemble(paths[:2], cache_dir, tmp_path / "both.pt", device="cpu")
+    assert both.n_members == 2
+    p_both, _, _ = Predictor.from_checkpoint(tmp_path / "both.pt", device="cpu").network(x)
+    assert np.allclose(p_both, (p_cls + p_loc) / 2, atol=1e-6)
+    assert not np.allclose(p_both, p_cls)
+
+    export = export_onnx(tmp_path / "pair.pt", tmp_path / "pair.onnx")
+    assert export.max_abs_diff_probability <= 1e-4 and export.max_abs_diff_heatmap <= 1e-3
+    onnx_pair = OnnxPredictor.from_onnx(tmp_path / "pair.onnx", lung_mask=False)
+    assert onnx_pair.recipe.cam_floor == "shift"
+    p_o, h_o, _ = onnx_pair.network(x)
+    assert np.abs(p_o - p_cls).max() <= 1e-4 and np.abs(h_o - h_loc).max() <= 1e-3
+    # roles that leave an output to nobody are refused when the file is read
+    broken = load_checkpoint(tmp_path / "pair.pt")
+    broken["members"][1]["role"] = "probability"
+    save_checkpoint(tmp_path / "broken.pt", broken)
+    with pytest.raises(CheckpointError, match="heatmap"):
+        Predictor.from_checkpoint(tmp_path / "broken.pt", device="cpu")
+    broken["members"][1]["role"] = "boxes"
+    save_checkpoint(tmp_path / "broken.pt", broken)
+    with pytest.raises(CheckpointError, match="roles"):
+        Predictor.from_checkpoint(tmp_path / "broken.pt", device="cpu")

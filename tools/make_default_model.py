@@ -8,13 +8,20 @@ so predict, evaluate, submit and serve use it without flags.
 A checkpoint saved before ``train`` stored ``box_threshold`` gets it from ``--data`` (the cache it
 was trained on): the F1-optimal threshold on that cache's validation split, from image labels only.
 
+``--set KEY=VALUE`` lays recipe settings over that default recipe (VALUE read as JSON, else
+as text; ``none`` is None), for a model whose own best recipe differs, e.g. the issue-13
+default: ``--set refine=none --set cam_floor=shift``.
+
 Usage: python tools/make_default_model.py CHECKPOINT [--data CACHE] [--out ...default.pt]
+       [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +33,19 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=Path("src/pneumoloc/weights/default.pt"))
     parser.add_argument("--data", type=Path, default=None, help="cache for a missing box_threshold")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: give KEY=VALUE")
+        try:
+            value = None if text == "none" else json.loads(text)
+        except ValueError:
+            value = text
+        overrides[key] = value
+    recipe = DEFAULT_INFERENCE_RECIPE.replace(**overrides)  # validated
     payload = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     if payload.get("box_threshold") is None and args.data is not None:
         import numpy as np
@@ -49,7 +68,8 @@ def main() -> None:
             k: v.half() if v.is_floating_point() else v for k, v in holder["state_dict"].items()
         }
     payload.pop("training_state", None)
-    payload.update(DEFAULT_INFERENCE_RECIPE.to_meta())
+    payload.update(recipe.to_meta())
+    print(f"recipe: {json.dumps(recipe.to_meta(), default=str)}")
     payload["model_card"] = "docs/model_card.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, args.out)

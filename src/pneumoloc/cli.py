@@ -998,12 +998,25 @@ def _add_ensemble_parser(sub: Subparsers) -> None:
         "ensemble",
         help="average several checkpoints as one model file (threshold and temperature on val)",
     )
-    p.add_argument("checkpoints", nargs="+", help="two or more checkpoint files")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="two or more checkpoint files (with --localiser: one or more, giving the probability)",
+    )
+    p.add_argument(
+        "--localiser",
+        nargs="+",
+        default=None,
+        metavar="CHECKPOINT",
+        help="checkpoints whose heatmaps alone make the ensemble's heatmap (and whose recipe it "
+        "takes); the positional checkpoints then give the probability alone",
+    )
     p.add_argument(
         "--data",
-        required=True,
+        default=None,
         nargs="+",
-        help="the cache(s) (or data folders) they were trained on; several: one threshold for all",
+        help="the cache(s) (or data folders) they were trained on; several: one threshold for "
+        "all (not needed for one classifier with --localiser: it keeps its own threshold)",
     )
     p.add_argument("--out", type=Path, required=True, help="the ensemble file to write")
     p.add_argument("--half", action="store_true", help="store the weights in float16")
@@ -1022,8 +1035,9 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         half=args.half,
+        localisers=args.localiser,
     )
-    auroc = result.val_metrics["val"].get("auroc")
+    auroc = (result.val_metrics.get("val") or {}).get("auroc")
     print(
         f"wrote {result.path}: {result.n_members} members, validation AUROC "
         f"{auroc if auroc is None else round(auroc, 4)}, threshold {result.threshold:.4f}, "

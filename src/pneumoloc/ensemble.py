@@ -7,6 +7,13 @@ probability is the mean of its members' probabilities, its heatmap the mean of t
 temperature are chosen on that validation split, as ``train`` does for one model. The file is a
 pneumoloc checkpoint (``members`` holds each member's weights and metadata), so ``evaluate``,
 ``predict``, ``submit``, ``serve`` and ``export`` take it like any checkpoint.
+
+With ``--localiser`` the file pairs models by role instead (``member["role"]``,
+:data:`pneumoloc.models.checkpoint.MEMBER_ROLES`): the probability is the mean of the
+positional checkpoints' probabilities alone, the heatmap the mean of the localisers' heatmaps
+alone, and the inference recipe is the first localiser's. A classifier chosen for its AUROC
+then keeps its decisions exactly while a model chosen for its maps draws the boxes (the
+shipped default since issue 13: docs/model_card.md).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ _MEMBER_FIELDS = (
     "threshold",
     "box_threshold",
     "temperature",
+    "calibration",
     "cam_layer",
     "config",
     "data",
@@ -56,11 +64,13 @@ class EnsembleResult:
     val_metrics: dict[str, Any]
 
 
-def _members(checkpoints: list[Path], half: bool) -> list[dict[str, Any]]:
+def _members(
+    checkpoints: list[Path], half: bool, roles: list[str] | None = None
+) -> list[dict[str, Any]]:
     from pneumoloc.models.checkpoint import load_checkpoint
 
     members = []
-    for path in checkpoints:
+    for i, path in enumerate(checkpoints):
         payload = load_checkpoint(path)
         if payload.get("members"):
             raise ConfigError(f"{path}: is already an ensemble; give its members instead")
@@ -71,6 +81,7 @@ def _members(checkpoints: list[Path], half: bool) -> list[dict[str, Any]]:
                 k: v.half() if v.is_floating_point() else v for k, v in member["state_dict"].items()
             }
         member["source_file"] = path.name
+        member["role"] = roles[i] if roles else "both"
         members.append(member)
     sizes = {int(m["image_size"]) for m in members}
     if len(sizes) != 1:
@@ -80,12 +91,13 @@ def _members(checkpoints: list[Path], half: bool) -> list[dict[str, Any]]:
 
 def build_ensemble(
     checkpoints: list[str | Path],
-    data: str | Path | list[str | Path],
+    data: str | Path | list[str | Path] | None,
     out: str | Path,
     *,
     device: str = "auto",
     batch_size: int = 16,
     half: bool = False,
+    localisers: list[str | Path] | None = None,
 ) -> EnsembleResult:
     """Write an ensemble of ``checkpoints`` with threshold and temperature chosen on the
     validation split of ``data`` (the cache the members were trained on).
@@ -100,6 +112,11 @@ def build_ensemble(
         device: Where to run the members for the validation pass.
         batch_size: Images per forward pass.
         half: Store the members' weights in float16 (half the size; loaded as float32).
+        localisers: Checkpoints whose heatmaps alone make the ensemble's heatmap; then
+            ``checkpoints`` give the probability alone (one is enough) and the recipe is the
+            first localiser's. With one such classifier, its probability is the ensemble's
+            unchanged, so its own threshold, box threshold, temperature and validation metrics
+            are kept as they are (no validation pass; ``data`` may be None).
 
     Raises:
         ConfigError: Fewer than two members, different input sizes, a member that is an
@@ -123,10 +140,14 @@ def build_ensemble(
     from pneumoloc.training.sources import balanced_weights, pooled_thresholds, source_name
 
     paths = [Path(p) for p in checkpoints]
+    heat_paths = [Path(p) for p in localisers or []]
+    roles = ["probability"] * len(paths) + ["heatmap"] * len(heat_paths) if heat_paths else None
+    paths += heat_paths
     if len(paths) < 2:
         raise ConfigError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
-    members = _members(paths, half)
+    members = _members(paths, half, roles)
     first = members[0]
+    recipe_from = members[len(paths) - len(heat_paths)] if heat_paths else first
     payload: dict[str, Any] = {
         "model": {
             "name": "ensemble",
@@ -141,8 +162,29 @@ def build_ensemble(
         "label_names": first.get("label_names", ["no pneumonia", "pneumonia"]),
         "data": first.get("data"),
         "built_by": f"pneumoloc {__version__} ensemble",
-        **InferenceRecipe.from_meta(DEFAULT_INFERENCE_RECIPE.to_meta(), **_recipe(first)).to_meta(),
+        **InferenceRecipe.from_meta(
+            DEFAULT_INFERENCE_RECIPE.to_meta(), **_recipe(recipe_from)
+        ).to_meta(),
     }
+    if heat_paths and len(paths) - len(heat_paths) == 1:
+        # One classifier: the ensemble's probability is its own, so are its decisions.
+        for key in ("threshold", "box_threshold", "temperature", "calibration", "metrics"):
+            if first.get(key) is not None:
+                payload[key] = first[key]
+        models_from_checkpoint(payload, device="cpu")  # the roles and weights load
+        save_checkpoint(out, payload)
+        logger.info(
+            "%s: %s's decisions, heatmaps of %d localiser(s)", out, paths[0], len(heat_paths)
+        )
+        return EnsembleResult(
+            Path(out),
+            len(members),
+            float(payload["threshold"]),
+            float(payload.get("temperature", 1.0)),
+            payload.get("metrics") or {},
+        )
+    if data is None:
+        raise ConfigError("an ensemble's threshold is chosen on validation data: give its cache")
     models, meta = models_from_checkpoint(payload, device=device)
     predictor = Predictor(model=models[0], members=models, meta=meta, batch_size=batch_size)
     caches = [
@@ -200,5 +242,6 @@ def build_ensemble(
 
 
 def _recipe(member: dict[str, Any]) -> dict[str, Any]:
-    """The first member's stored recipe settings (the ensemble uses them)."""
+    """A member's stored recipe settings (the ensemble uses the first's, or the first
+    localiser's)."""
     return {k: member[k] for k in InferenceRecipe.field_names() if member.get(k) is not None}

@@ -10,8 +10,11 @@ The graph
 * output ``probability``: ``float32 (B,)``, the sigmoid of the pneumonia logit.
 * output ``heatmap``: ``float32 (B, S, S)`` in ``[0, 1]``, exactly what
   ``Predictor.heatmaps`` gives for method ``"cam"``: the model's CAM (``w · f + b``)
-  bilinearly upsampled to ``S`` (``align_corners=False``), ReLU'd, then divided by its
-  per-image maximum (an all-zero map stays zero).
+  bilinearly upsampled to ``S`` (as the recipe's ``cam_align`` says), made non-negative as its
+  ``cam_floor`` says (ReLU, or minus the map's minimum), then divided by its per-image maximum
+  (an all-zero map stays zero). For an ensemble, the mean over the members whose role gives
+  each output (a classifier paired with a localiser gives the one's probability and the
+  other's heatmap).
 
 The batch axis is dynamic; the spatial size is fixed at the checkpoint's ``image_size``.
 The ONNX file describes itself: its ``metadata_props`` hold the image size, decision
@@ -104,18 +107,30 @@ class OnnxExportResult:
     max_abs_diff_heatmap: float = math.nan
 
 
-def _cam_graph(models: list[Any], image_size: int, align: str = "centre") -> Any:
+def _cam_graph(
+    models: list[Any],
+    image_size: int,
+    align: str = "centre",
+    floor: str = "relu",
+    roles: list[str] | None = None,
+) -> Any:
     """The exported module: uint8 images -> (probability, heatmap), as ``Predictor`` does
-    (for an ensemble: the mean of the members' probabilities and of their heatmaps). The CAM's
-    upsampling (``align``, ``pneumoloc.cam.names.CAM_ALIGNS``) is fixed in the graph: with
-    ``"cells"`` its interpolation indices and weights are constants of the input size."""
+    (for an ensemble: the mean of the probabilities of the members whose role gives one, and
+    of their heatmaps likewise, ``pneumoloc.models.checkpoint.MEMBER_ROLES``). The CAM's
+    upsampling (``align``, ``pneumoloc.cam.names.CAM_ALIGNS``) and floor (``floor``,
+    ``CAM_FLOORS``: ReLU, or the map minus its minimum) are fixed in the graph: with
+    ``"cells"`` the interpolation indices and weights are constants of the input size."""
     import torch
 
-    from pneumoloc.cam.classic import cam_cell_grids, check_cam_align, upsample_cam
+    from pneumoloc.cam.classic import cam_cell_grids, check_cam_align, floor_cam, upsample_cam
+    from pneumoloc.cam.names import check_cam_floor
     from pneumoloc.io.preprocess import to_model_input
+    from pneumoloc.models.checkpoint import role_mean
 
     size = int(image_size)
     check_cam_align(align)
+    check_cam_floor(floor)
+    used_roles: list[str] = list(roles or ["both"] * len(models))
     grids = {id(m): cam_cell_grids(m, (size, size)) if align == "cells" else None for m in models}
 
     Output = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -123,7 +138,7 @@ def _cam_graph(models: list[Any], image_size: int, align: str = "centre") -> Any
     def member_output(model: Any, x: torch.Tensor) -> Output:
         logits, cam, feats = model.forward_with_cam_and_features(x)
         # pneumoloc.cam.classic_cam, then compute_cam(scale_to_max=True), line for line.
-        heat = upsample_cam(cam, (size, size), grids[id(model)]).relu()
+        heat = floor_cam(upsample_cam(cam, (size, size), grids[id(model)]), floor)
         peak = heat.amax(dim=(-2, -1), keepdim=True)
         heat = torch.where(peak > 0, heat / peak.clamp(min=1e-12), heat)
         # The input check's features, as the torch backend pools them (feature_tap's output).
@@ -145,9 +160,10 @@ def _cam_graph(models: list[Any], image_size: int, align: str = "centre") -> Any
         def forward(self, image: torch.Tensor) -> Output:
             x = to_model_input(image)
             outputs = [member_output(m, x) for m in self.members]
-            probs = torch.stack([o[0] for o in outputs]).mean(0)
+            probs = role_mean([o[0] for o in outputs], used_roles, "probability")
+            heat = role_mean([o[1] for o in outputs], used_roles, "heatmap")
             # the first member's features, as the torch backend's input check reads them
-            return probs, torch.stack([o[1] for o in outputs]).mean(0), outputs[0][2]
+            return probs, heat, outputs[0][2]
 
     return (CamGraph() if len(models) == 1 else EnsembleCamGraph()).eval()
 
@@ -248,21 +264,16 @@ def export_onnx(
             meta.get("cam_method"),
             " with TTA" if meta.get("tta") else "",
         )
-    if (meta.get("cam_floor") or "relu") != "relu":
-        logger.warning(
-            "%s asks for cam_floor %r by default; the ONNX graph computes 'relu' (its heatmaps "
-            "are zero where every location votes 'no'); use the torch backend for %r",
-            path,
-            meta.get("cam_floor"),
-            meta.get("cam_floor"),
-        )
     if meta.get("detector"):
         logger.warning(
             "%s holds a self-trained box detector; the ONNX file carries the classifier only, "
             "so its boxes come from the CAM box rule",
             path,
         )
-    graph = _cam_graph(models, size, InferenceRecipe.from_meta(meta).cam_align)
+    from pneumoloc.models.checkpoint import member_roles
+
+    recipe = InferenceRecipe.from_meta(meta)
+    graph = _cam_graph(models, size, recipe.cam_align, recipe.cam_floor, member_roles(meta))
     example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

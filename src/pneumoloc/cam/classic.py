@@ -126,9 +126,12 @@ def classic_cam(
     grids = cam_cell_grids(model, size) if align == "cells" else None
     with eval_mode(model), torch.no_grad():
         logits, cam = model.forward_with_cam(x)
-    heatmaps = upsample_cam(cam, size, grids)
+    return torch.sigmoid(logits.float()), floor_cam(upsample_cam(cam, size, grids), floor)
+
+
+def floor_cam(heatmaps: Tensor, floor: str) -> Tensor:
+    """Maps (B, H, W) made non-negative as ``floor`` says (``CAM_FLOORS``): ReLU'd, or
+    minus each map's minimum. The ONNX export computes the same function."""
     if floor == "shift":
-        heatmaps = heatmaps - heatmaps.amin(dim=(-2, -1), keepdim=True)
-    else:
-        heatmaps = heatmaps.relu()
-    return torch.sigmoid(logits.float()), heatmaps
+        return heatmaps - heatmaps.amin(dim=(-2, -1), keepdim=True)
+    return heatmaps.relu()

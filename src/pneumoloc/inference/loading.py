@@ -244,8 +244,9 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
     """The same predictor with its network run by ONNX Runtime, when that is possible and
     exactly the same model: a torch :class:`~pneumoloc.inference.torch_backend.Predictor`
     on the CPU, classic CAM, no test-time augmentation, multi-stage CAM or detector, at its
-    trained size, whose checkpoint has a matching :func:`onnx_twin`. Metadata and recipe
-    (overrides included) are the torch predictor's, so everything after the network and
+    trained size, whose checkpoint (one model or an ensemble) has a matching
+    :func:`onnx_twin` exported with the recipe's ``cam_align`` and ``cam_floor``. Metadata and
+    recipe (overrides included) are the torch predictor's, so everything after the network and
     everything reported is unchanged; None otherwise. Used by ``evaluate``.
     """
     from pneumoloc.inference.onnx_backend import OnnxPredictor
@@ -254,8 +255,6 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
     model = getattr(predictor, "model", None)
     if model is None or getattr(predictor, "detector", None) is not None:
         return None
-    if getattr(predictor, "members", None) and len(predictor.members) > 1:
-        return None
     device = next(model.parameters()).device
     recipe = predictor.recipe
     if (
@@ -263,7 +262,6 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
         or recipe.cam_method != "cam"
         or recipe.tta
         or recipe.cam_layers not in (None, "final")
-        or recipe.cam_floor != "relu"
     ):
         return None
     twin = onnx_twin(checkpoint)
@@ -272,19 +270,21 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
     from pneumoloc.inference.onnx_backend import read_onnx_metadata
 
     try:
-        graph_align = read_onnx_metadata(twin).get("cam_align") or "centre"
+        graph_meta = read_onnx_metadata(twin)
     except CheckpointError:
         return None
-    if graph_align != recipe.cam_align:
-        return None  # the graph upsamples otherwise than this recipe asks
-    opened = _twin_predictor(
-        checkpoint, twin, None, {"batch_size": predictor.batch_size, "cam_align": graph_align}
-    )
+    graph_align = graph_meta.get("cam_align") or "centre"
+    graph_floor = graph_meta.get("cam_floor") or "relu"  # files before 0.4
+    if graph_align != recipe.cam_align or graph_floor != recipe.cam_floor:
+        return None  # the graph upsamples or floors otherwise than this recipe asks
+    settings = {"batch_size": predictor.batch_size, "cam_align": graph_align}
+    opened = _twin_predictor(checkpoint, twin, None, {**settings, "cam_floor": graph_floor})
     if not isinstance(opened, OnnxPredictor) or opened.image_size != predictor.image_size:
         return None
     meta = dict(predictor.meta)
     meta["weights_sha256"] = opened.meta.get("weights_sha256", "")
     meta["cam_align"] = opened.recipe.cam_align
+    meta["cam_floor"] = opened.recipe.cam_floor
     return OnnxPredictor(
         session=opened.session,
         meta=meta,

@@ -136,10 +136,11 @@ class OnnxPredictor(BasePredictor):
             raise ConfigError("the ONNX backend has no test-time augmentation")
         if self.cam_layers not in (None, "final"):
             raise ConfigError("the ONNX backend has no multi-stage CAM fusion (--cam-layers)")
-        if self.recipe.cam_floor != "relu":
+        graph_floor = self.meta.get("cam_floor") or "relu"  # files before 0.4: "relu"
+        if self.recipe.cam_floor != graph_floor:
             raise ConfigError(
-                f"this ONNX graph clips its CAM with cam_floor 'relu'; "
-                f"{self.recipe.cam_floor!r} needs the torch backend"
+                f"this ONNX graph floors its CAM with cam_floor {graph_floor!r}; "
+                f"{self.recipe.cam_floor!r} needs the torch backend (or a file exported so)"
             )
         graph_align = self.meta.get("cam_align") or "centre"  # files before 0.3: "centre"
         if self.recipe.cam_align != graph_align:

@@ -62,7 +62,8 @@ class InferenceRecipe:
         cam_floor: How the classic CAM is made non-negative: ``"relu"`` (negative evidence
             clipped to 0, the only way before 0.4) or ``"shift"`` (each map minus its minimum,
             so a film whose every location votes "no" still ranks them); see
-            :data:`pneumoloc.cam.names.CAM_FLOORS`. ONNX graphs compute ``"relu"`` only.
+            :data:`pneumoloc.cam.names.CAM_FLOORS`. An ONNX graph computes the one it was
+            exported with (files before 0.4: ``"relu"``).
     """
 
     cam_method: str = "cam"
@@ -142,10 +143,18 @@ class InferenceRecipe:
         return dataclasses.replace(self, **changes)
 
 
-ONNX_RECIPE_FIELDS = ("lung_mask", "refine", "box_gate", "box_config", "cam_align")
+ONNX_RECIPE_FIELDS = (
+    "lung_mask",
+    "refine",
+    "box_gate",
+    "box_config",
+    "cam_align",
+    "cam_floor",
+)
 """The settings an exported ONNX file carries: the graph computes the classic CAM without
-test-time augmentation or stage fusion, upsampled as ``cam_align`` says (fixed in the graph),
-and everything after it runs in every backend."""
+test-time augmentation or stage fusion, upsampled as ``cam_align`` says and floored as
+``cam_floor`` says (both fixed in the graph), and everything after it runs in every
+backend."""
 
 DEFAULT_INFERENCE_RECIPE = InferenceRecipe(
     cam_method="cam",

@@ -16,7 +16,12 @@ from pneumoloc.cam import cam_layers_of, compute_cam
 from pneumoloc.inference.base import BasePredictor, resolve_checkpoint, split_settings
 from pneumoloc.io.preprocess import to_model_input
 from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
-from pneumoloc.models.checkpoint import load_checkpoint, models_from_checkpoint
+from pneumoloc.models.checkpoint import (
+    load_checkpoint,
+    member_roles,
+    models_from_checkpoint,
+    role_mean,
+)
 from pneumoloc.models.detector import (
     DETECTOR_MAX_BOXES,
     DETECTOR_MIN_SCORE,
@@ -42,7 +47,9 @@ class Predictor(BasePredictor):
             ``use_detector=False`` to ``from_checkpoint`` to ignore it.
         members: An ensemble's models (``model`` is the first); empty for a single model.
             The ensemble's probability is the mean of its members' probabilities, its heatmap
-            the mean of their heatmaps (each scaled to its maximum first).
+            the mean of their heatmaps (each scaled to its maximum first), each over the
+            members whose role gives it (``meta["members"][i]["role"]``,
+            :data:`pneumoloc.models.checkpoint.MEMBER_ROLES`).
     """
 
     model: torch.nn.Module
@@ -145,6 +152,9 @@ class Predictor(BasePredictor):
         if tensor.ndim == 3:
             tensor = tensor.unsqueeze(1)
         models = self.members or [self.model]
+        roles = member_roles(self.meta)
+        if len(roles) != len(models):  # members given without their metadata: all "both"
+            roles = ["both"] * len(models)
         device = next(self.model.parameters()).device
         layers = [cam_layers_of(m, self.cam_layers) for m in models]  # type: ignore[arg-type]
         probs, maps, pooled = [], [], []
@@ -167,9 +177,9 @@ class Predictor(BasePredictor):
                 ]
             if features:
                 pooled.append(captured[0] if captured else _pooled_features(models[0], x))
-            # An ensemble's mean; for one model the output itself.
-            probs.append(torch.stack([o[0] for o in outputs]).mean(0).detach().cpu())
-            maps.append(torch.stack([o[1] for o in outputs]).mean(0).detach().cpu())
+            # An ensemble's mean over the members giving each output; one model: its own.
+            probs.append(role_mean([o[0] for o in outputs], roles, "probability").detach().cpu())
+            maps.append(role_mean([o[1] for o in outputs], roles, "heatmap").detach().cpu())
         if not probs:
             s = self.image_size
             empty = np.zeros((0, s, s), np.float32)

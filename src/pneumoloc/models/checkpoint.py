@@ -19,6 +19,36 @@ from pneumoloc.errors import CheckpointError
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KIND = "pneumoloc-classifier"
 
+MEMBER_ROLES = ("both", "probability", "heatmap")
+"""What an ensemble member gives: ``"both"`` (its probability and its heatmap are averaged
+with the others', every ensemble before 0.4), ``"probability"`` (only its probability) or
+``"heatmap"`` (only its heatmap): a classifier paired with a localiser."""
+
+
+def member_roles(meta: dict[str, Any]) -> list[str]:
+    """The role of each model of a checkpoint's metadata (``["both"]`` for a single model).
+
+    Raises:
+        CheckpointError: An unknown role, or no member giving a probability or a heatmap.
+    """
+    members = meta.get("members") or []
+    if not members:
+        return ["both"]
+    roles = [str(m.get("role") or "both") for m in members]
+    unknown = sorted(set(roles) - set(MEMBER_ROLES))
+    if unknown:
+        raise CheckpointError(f"ensemble member roles {unknown} unknown; use {list(MEMBER_ROLES)}")
+    for need in ("probability", "heatmap"):
+        if not any(r in ("both", need) for r in roles):
+            raise CheckpointError(f"no ensemble member gives the {need} (roles {roles})")
+    return roles
+
+
+def role_mean(values: list[Any], roles: list[str], role: str) -> Any:
+    """The mean of the ``values`` (tensors, one per member) whose member gives ``role``."""
+    chosen = [v for v, r in zip(values, roles, strict=True) if r in ("both", role)]
+    return torch.stack(chosen).mean(0)
+
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint atomically (a crash mid-write never leaves a truncated file)."""
@@ -116,6 +146,11 @@ def models_from_checkpoint(
     models = [_member_model(m, source).to(device).eval() for m in members]
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "training_state")}
     meta["members"] = [{k: v for k, v in m.items() if k != "state_dict"} for m in members]
+    try:
+        member_roles(meta)
+    except CheckpointError as exc:
+        where = source if not isinstance(source, dict) else "checkpoint"
+        raise CheckpointError(f"{where}: {exc}") from None
     return models, meta
 
 
