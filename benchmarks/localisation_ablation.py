@@ -51,6 +51,7 @@ from typing import Any
 # The results file is read and written as the classifier ablation's (same layout, same atomic
 # replace); run as a script, this folder is on sys.path.
 from classifier_ablation import _load, _save
+from pneumoloc.inference.recipe import NOTEBOOK_BOX_RULE
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cam32": {},
@@ -69,6 +70,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lung+shift": {"lung_mask": True, "refine": "none", "cam_floor": "shift"},
     "lung+rw+shift": {"lung_mask": True, "refine": "randomwalk", "cam_floor": "shift"},
 }
+# The box rules that need no setting of their own (pneumoloc.localise.boxes.BOX_RULES) on the
+# lung+shift maps: run with --recipes (not by default), chosen between on validation boxes.
+BOX_RULE_RECIPES: dict[str, dict[str, Any]] = {
+    f"lung+shift+{rule}": {**RECIPES["lung+shift"], "box_config": {"rule": rule}}
+    for rule in ("otsu", "multi", "notebook")
+}
+BOX_RULE_RECIPES["lung+shift+notebook"]["box_config"] = dict(NOTEBOOK_BOX_RULE)  # its whole rule
 
 
 def _train(args: argparse.Namespace, variant: str, seed: int, out: Path) -> dict[str, Any]:
@@ -138,6 +146,13 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=list(RECIPES),
+        choices=[*RECIPES, *BOX_RULE_RECIPES],
+        help="inference recipes to score (default: the five of RECIPES)",
+    )
+    parser.add_argument(
         "--checkpoints",
         nargs="*",
         default=[],
@@ -161,15 +176,16 @@ def main() -> None:
         "model": "tf_efficientnet_lite0, offline ImageNet init, RSNA sample + Kermany, batch 32, "
         "AdamW lr 3e-4, cosine (issue 12's recipe)",
         "variants": VARIANTS,
-        "recipes": RECIPES,
+        "recipes": {**RECIPES, **BOX_RULE_RECIPES},
         "rsna": str(args.rsna),
         "kermany": str(args.kermany),
     }
 
     def evaluate_model(key: str, ckpt: Path) -> None:
         """Every recipe and split of one model, right after it is made (a cut run keeps it)."""
-        recipes = dict(RECIPES)
-        if key.startswith("ensemble("):
+        every = {**RECIPES, **BOX_RULE_RECIPES}
+        recipes = {name: every[name] for name in args.recipes}
+        if key.startswith("ensemble(") and "lung" in recipes:
             recipes["lung+tta"] = {"lung_mask": True, "refine": "none", "tta": True}
         for recipe, settings in recipes.items():
             for split in args.splits:

@@ -9,8 +9,9 @@ A checkpoint saved before ``train`` stored ``box_threshold`` gets it from ``--da
 was trained on): the F1-optimal threshold on that cache's validation split, from image labels only.
 
 ``--set KEY=VALUE`` lays recipe settings over that default recipe (VALUE read as JSON, else
-as text; ``none`` is None), for a model whose own best recipe differs, e.g. the issue-13
-default: ``--set refine=none --set cam_floor=shift``.
+as text; ``none`` is None; ``box_config.NAME`` sets one field of the box rule), for a model
+whose own best recipe differs, e.g. the issue-13 default:
+``--set refine=none --set cam_floor=shift --set box_config.rule=otsu``.
 
 Usage: python tools/make_default_model.py CHECKPOINT [--data CACHE] [--out ...default.pt]
        [--set KEY=VALUE ...]
@@ -19,6 +20,7 @@ Usage: python tools/make_default_model.py CHECKPOINT [--data CACHE] [--out ...de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     overrides: dict[str, Any] = {}
+    box: dict[str, Any] = {}
     for item in args.set:
         key, sep, text = item.partition("=")
         if not sep:
@@ -44,8 +47,13 @@ def main() -> None:
             value = None if text == "none" else json.loads(text)
         except ValueError:
             value = text
-        overrides[key] = value
+        if key.startswith("box_config."):
+            box[key.removeprefix("box_config.")] = value
+        else:
+            overrides[key] = value
     recipe = DEFAULT_INFERENCE_RECIPE.replace(**overrides)  # validated
+    if box:
+        recipe = recipe.replace(box_config=dataclasses.replace(recipe.box_config, **box))
     payload = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     if payload.get("box_threshold") is None and args.data is not None:
         import numpy as np
