@@ -77,6 +77,8 @@ BOX_RULE_RECIPES: dict[str, dict[str, Any]] = {
     for rule in ("otsu", "multi", "notebook")
 }
 BOX_RULE_RECIPES["lung+shift+notebook"]["box_config"] = dict(NOTEBOOK_BOX_RULE)  # its whole rule
+# the default's recipe without the label-free lung mask: what the mask adds
+BOX_RULE_RECIPES["shift+otsu"] = {**BOX_RULE_RECIPES["lung+shift+otsu"], "lung_mask": False}
 
 
 def _train(args: argparse.Namespace, variant: str, seed: int, out: Path) -> dict[str, Any]:
