@@ -127,16 +127,21 @@ def train(model: torch.nn.Module, steps: int = STEPS, seed: int = 0) -> torch.nn
 
 
 def localisation(
-    model: torch.nn.Module, config: BoxConfig | None = None, *, lung_mask: bool = False
+    model: torch.nn.Module,
+    config: BoxConfig | None = None,
+    *,
+    lung_mask: bool = False,
+    floor: str = "relu",
 ) -> dict[str, float]:
     """Pointing and box-hit fractions on held-out positives (+ AUROC against as many negatives,
     + median best-box area over the lung's bounding box). ``lung_mask``: boxes from the map
-    zeroed outside the (true) lung fields, as the shipped recipe does with its own masks."""
+    zeroed outside the (true) lung fields, as the shipped recipe does with its own masks;
+    ``floor``: the heatmap's ``cam_floor``."""
     g = torch.Generator().manual_seed(12345)
     pos = chest_batch(g, torch.ones(N_TEST))
     neg = chest_batch(g, torch.zeros(N_TEST))
     masks = [pos.lungs[i].numpy() if lung_mask else None for i in range(N_TEST)]
-    return score_positives(model, pos, neg, config or BoxConfig(), masks)[0]
+    return score_positives(model, pos, neg, config or BoxConfig(), masks, floor=floor)[0]
 
 
 def score_positives(
@@ -145,6 +150,7 @@ def score_positives(
     neg: Planted,
     config: BoxConfig,
     masks: list[np.ndarray | None],
+    floor: str = "relu",
 ) -> tuple[dict[str, float], np.ndarray]:
     """:func:`localisation`'s figures for given positives and negatives (``masks``: per
     positive the lung mask its boxes are drawn inside, or None), and the positives' heatmaps."""
@@ -152,7 +158,9 @@ def score_positives(
 
     n = len(pos.images)
     blobs, lungs = pos.blob, pos.lung_box
-    probs, heat = compute_cam(model, to_model_input(torch.cat([pos.images, neg.images])))
+    probs, heat = compute_cam(
+        model, to_model_input(torch.cat([pos.images, neg.images])), floor=floor
+    )
     heat_np = heat.numpy()
     pointing = hits = 0
     areas = []
@@ -207,6 +215,25 @@ def test_decoder_with_top_down_drop_finds_the_planted_opacity(with_drop: dict) -
     assert m["auroc"] >= 0.95, m  # it learnt the labels
     assert passes(m), m
     assert m["median_area"] < 1 / 3, m
+
+
+def test_the_shipped_floor_keeps_the_peak_on_the_planted_opacity(with_drop: dict) -> None:
+    """``cam_floor: shift`` (the default's recipe since issue 13) ranks the same locations:
+    its peak is still on the opacity."""
+    m = localisation(with_drop["model"], BoxConfig(rule="otsu"), lung_mask=True, floor="shift")
+    assert m["pointing"] >= PASS_FRACTION, m
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured (docs/localisation.md, round 3g): on this task the shift map's Otsu and "
+    "peak-0.5 regions take in the negative evidence around the opacity, so the box is most of "
+    "the lung (median 0.56 of its box with the lung mask; box hit 0.00 vs 0.73 with ReLU). "
+    "Strict: a pass means the docs need updating.",
+)
+def test_the_shipped_recipe_draws_a_box_far_smaller_than_the_lung(with_drop: dict) -> None:
+    m = localisation(with_drop["model"], BoxConfig(rule="otsu"), lung_mask=True, floor="shift")
+    assert passes(m), m
 
 
 def test_control_untrained_model_fails() -> None:
