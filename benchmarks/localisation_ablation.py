@@ -77,6 +77,9 @@ BOX_RULE_RECIPES: dict[str, dict[str, Any]] = {
     for rule in ("otsu", "multi", "notebook")
 }
 BOX_RULE_RECIPES["lung+shift+notebook"]["box_config"] = dict(NOTEBOOK_BOX_RULE)  # its whole rule
+# "auto" floor: ReLU where a location votes yes, shift where none does (round 3g)
+BOX_RULE_RECIPES["lung+auto"] = {**RECIPES["lung+shift"], "cam_floor": "auto"}
+BOX_RULE_RECIPES["lung+auto+otsu"] = {**BOX_RULE_RECIPES["lung+shift+otsu"], "cam_floor": "auto"}
 # the default's recipe without the label-free lung mask: what the mask adds
 BOX_RULE_RECIPES["shift+otsu"] = {**BOX_RULE_RECIPES["lung+shift+otsu"], "lung_mask": False}
 

@@ -70,6 +70,23 @@ def test_both_floors_agree_where_the_map_has_positive_evidence() -> None:
     assert int(relu[0].argmax()) == int(shift[0].argmax())
 
 
+def test_auto_shifts_only_the_maps_without_positive_evidence() -> None:
+    """``auto``: the ReLU map where some location votes "yes" (the negative evidence around it
+    stays out), the shifted map where none does (never empty)."""
+    model = _negative_model()
+    x, _ = _square()
+    _, all_negative = compute_cam(model, x, floor="auto")
+    _, shifted = compute_cam(model, x, floor="shift")
+    torch.testing.assert_close(all_negative, shifted)
+    with torch.no_grad():
+        model.head.bias.fill_(-0.5)  # the square's cells now vote "yes", the rest "no"
+    _, auto = compute_cam(model, x, floor="auto")
+    _, relu = compute_cam(model, x, floor="relu")
+    _, shift = compute_cam(model, x, floor="shift")
+    torch.testing.assert_close(auto, relu)
+    assert float((relu[0] > 0).float().mean()) < float((shift[0] > 0).float().mean())
+
+
 def test_cam_floor_is_checked_and_only_for_the_classic_cam() -> None:
     with pytest.raises(ConfigError, match="cam_floor"):
         InferenceRecipe(cam_floor="abs")
@@ -102,6 +119,20 @@ def test_torch_predictor_takes_the_floor_and_the_onnx_graph_carries_it(tmp_path:
         OnnxPredictor.from_onnx(path, cam_floor="shift")
     assert onnx_equivalent(shifted, ckpt) is None  # evaluate keeps the torch backend
 
+    auto_ckpt = save_untrained_checkpoint(
+        tmp_path / "a.pt", "smallcamnet", size=32, threshold=0.5, cam_floor="auto"
+    )
+    assert export_onnx(auto_ckpt, tmp_path / "a.onnx").max_abs_diff_heatmap <= 1e-3
+    assert OnnxPredictor.from_onnx(tmp_path / "a.onnx").recipe.cam_floor == "auto"
+    # the same with every location voting "no": the graph's shift branch (export compares)
+    from pneumoloc.models.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(auto_ckpt)
+    payload["state_dict"]["head.bias"] = payload["state_dict"]["head.bias"] - 1.0  # CAM < 0
+    save_checkpoint(tmp_path / "n.pt", payload)
+    assert export_onnx(tmp_path / "n.pt", tmp_path / "n.onnx").max_abs_diff_heatmap <= 1e-3
+    _, h_negative = OnnxPredictor.from_onnx(tmp_path / "n.onnx", lung_mask=False).heatmaps(images)
+    assert np.all(h_negative.reshape(2, -1).max(axis=1) > 0)  # shifted, not empty
     shift_ckpt = save_untrained_checkpoint(
         tmp_path / "s.pt", "smallcamnet", size=32, threshold=0.5, cam_floor="shift"
     )

@@ -136,11 +136,11 @@ def _add_heatmap_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cam-floor",
-        choices=["relu", "shift"],
+        choices=["relu", "shift", "auto"],  # pneumoloc.cam.names.CAM_FLOORS
         default=None,
-        help="classic CAM to heatmap: clip negative evidence (relu) or subtract each map's "
-        "minimum (shift: a film whose every location votes 'no' keeps its ranking; torch "
-        "backend); default: the checkpoint's",
+        help="classic CAM to heatmap: clip negative evidence (relu), subtract each map's "
+        "minimum (shift: a film whose every location votes 'no' keeps its ranking), or relu "
+        "where a location votes 'yes' and shift elsewhere (auto); default: the checkpoint's",
     )
 
 

@@ -534,8 +534,8 @@ def evaluate(
         box_gate: "decision" or "f1" (None: the checkpoint's): which threshold gates boxes.
         cam_align: The classic CAM's upsampling, "centre" or "cells" (None: the checkpoint's;
             see ``pneumoloc.cam.names.CAM_ALIGNS``).
-        cam_floor: "relu" or "shift" (None: the checkpoint's; ``CAM_FLOORS``): how the classic
-            CAM becomes a heatmap; "shift" runs the torch backend (ONNX graphs clip).
+        cam_floor: "relu", "shift" or "auto" (None: the checkpoint's; ``CAM_FLOORS``): how the
+            classic CAM becomes a heatmap; an ONNX twin runs only when it computes the same.
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the

@@ -118,7 +118,8 @@ def _cam_graph(
     (for an ensemble: the mean of the probabilities of the members whose role gives one, and
     of their heatmaps likewise, ``pneumoloc.models.checkpoint.MEMBER_ROLES``). The CAM's
     upsampling (``align``, ``pneumoloc.cam.names.CAM_ALIGNS``) and floor (``floor``,
-    ``CAM_FLOORS``: ReLU, or the map minus its minimum) are fixed in the graph: with
+    ``CAM_FLOORS``: ReLU, the map minus its minimum, or either by the map) are fixed in the
+    graph: with
     ``"cells"`` the interpolation indices and weights are constants of the input size."""
     import torch
 

@@ -113,7 +113,8 @@ def classic_cam(
         x: Images (B, 1, H, W); moved to the model's device.
         align: How the CAM is upsampled (:data:`pneumoloc.cam.names.CAM_ALIGNS`).
         floor: ``"relu"`` clips negative evidence to 0; ``"shift"`` subtracts each map's
-            minimum instead (:data:`pneumoloc.cam.names.CAM_FLOORS`).
+            minimum instead; ``"auto"`` shifts only a map with no positive value
+            (:data:`pneumoloc.cam.names.CAM_FLOORS`).
 
     Returns:
         ``probs`` (B,), the sigmoid of the logits, and ``heatmaps`` (B, H, W) float32 >= 0 in
@@ -130,8 +131,13 @@ def classic_cam(
 
 
 def floor_cam(heatmaps: Tensor, floor: str) -> Tensor:
-    """Maps (B, H, W) made non-negative as ``floor`` says (``CAM_FLOORS``): ReLU'd, or
-    minus each map's minimum. The ONNX export computes the same function."""
+    """Maps (B, H, W) made non-negative as ``floor`` says (``CAM_FLOORS``): ReLU'd, minus
+    each map's minimum, or ("auto") ReLU'd where the map has a positive value and shifted
+    where it has none. The ONNX export computes the same function."""
+    shifted = heatmaps - heatmaps.amin(dim=(-2, -1), keepdim=True)
     if floor == "shift":
-        return heatmaps - heatmaps.amin(dim=(-2, -1), keepdim=True)
+        return shifted
+    if floor == "auto":
+        positive = heatmaps.amax(dim=(-2, -1), keepdim=True) > 0
+        return torch.where(positive, heatmaps.relu(), shifted)
     return heatmaps.relu()

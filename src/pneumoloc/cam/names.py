@@ -41,12 +41,14 @@ TensorFlow-padded ``tf_*`` models ``s * j + s - 1``, half a cell, 15.5 px at str
 down and right; for symmetric padding ``s * j``)."""
 
 
-CAM_FLOORS = ("relu", "shift")
+CAM_FLOORS = ("relu", "shift", "auto")
 """How the classic CAM becomes a non-negative heatmap: ``"relu"`` clips negative evidence to 0
 (every version before 0.4; a film whose every cell votes "no pneumonia" gets an all-zero map,
 no peak and no box); ``"shift"`` subtracts the map's own minimum, so the locations keep their
 ranking on every film (docs/localisation.md, round 3f: with global max pooling most truly
-positive films of the RSNA sample have an all-negative CAM)."""
+positive films of the RSNA sample have an all-negative CAM), but lifts the negative evidence
+around a positive region into the map (round 3g); ``"auto"``: ReLU for a map with any
+positive location, shift for a map with none."""
 
 
 def check_cam_floor(floor: str) -> None:

@@ -60,8 +60,9 @@ class InferenceRecipe:
             only way before 0.3) or ``"cells"`` (from each cell's true centre); see
             :data:`pneumoloc.cam.names.CAM_ALIGNS`.
         cam_floor: How the classic CAM is made non-negative: ``"relu"`` (negative evidence
-            clipped to 0, the only way before 0.4) or ``"shift"`` (each map minus its minimum,
-            so a film whose every location votes "no" still ranks them); see
+            clipped to 0, the only way before 0.4), ``"shift"`` (each map minus its minimum,
+            so a film whose every location votes "no" still ranks them) or ``"auto"`` (ReLU
+            for a map with a positive location, shift for one without); see
             :data:`pneumoloc.cam.names.CAM_FLOORS`. An ONNX graph computes the one it was
             exported with (files before 0.4: ``"relu"``).
     """
