@@ -101,3 +101,67 @@ def test_anatomy_comparison_credits_a_focused_map_and_not_a_flooded_one() -> Non
     assert bad["model"]["lung_coverage"] > 0.9
     # The baselines' pointing game is the random point in the lung: 100 / (2 * 16 * 44).
     assert good["lung_fields"]["pointing_game"] == pytest.approx(100 / (2 * 16 * 44))
+
+
+def test_label_gated_boxes_given_are_scored_instead_of_the_box_rule() -> None:
+    """A self-trained detector's boxes (forced on every truly positive image) are what the
+    label-gated figures score when given; the heatmap's box rule is not consulted (a flooded
+    map that would score nothing, with perfect given boxes, scores 1)."""
+    from pneumoloc.localise.boxes import ScoredBoxes
+
+    n, size = 4, 64
+    mask = two_lungs(size)
+    gts = [np.array([[10.0, 36.0, 10.0, 10.0]]) for _ in range(n)]
+    flooded = mask.astype(np.float32)
+    common = {
+        "heatmaps": [flooded] * n,
+        "probs": np.full(n, 0.9),
+        "labels": np.array([1, 1, 1, 0]),
+        "model_boxes": [ScoredBoxes() for _ in range(n)],
+        "gts": [*gts[:3], np.zeros((0, 4))],
+        "shapes": [(size, size)] * n,
+        "masks": [mask] * n,
+        "box_threshold": 0.5,
+        "box_config": BoxConfig(rule="peak", peak_fraction=0.5, max_boxes=2, split_midline=True),
+        "pointing": 0.0,
+    }
+    from_rule = anatomy_comparison(**common)
+    perfect = [ScoredBoxes(gts[0].astype(np.float32), np.ones(1, np.float32))] * 3
+    given = anatomy_comparison(**common, label_gated_boxes=[*perfect, ScoredBoxes()])
+    assert from_rule["model"]["rsna_map_label_gated"] < 0.5
+    assert given["model"]["rsna_map_label_gated"] == pytest.approx(1.0)
+    assert given["model"]["box_acc_iou50"] == pytest.approx(1.0)
+
+
+def test_evaluate_forces_a_detectors_boxes_on_the_truly_positive_images() -> None:
+    """``evaluate``'s label-gated boxes for a detector checkpoint: the predictor's own
+    ``draw_boxes`` on the truly positive images with the gate open (probability 1), nothing on
+    the others; for the box rule, None (the heatmaps are used)."""
+    from types import SimpleNamespace
+
+    from pneumoloc.evaluate import EvalPredictions, _detector_label_gated
+    from pneumoloc.localise.boxes import ScoredBoxes
+
+    calls = []
+
+    def draw_boxes(images, probs, maps, shapes):  # type: ignore[no-untyped-def]
+        calls.append((images.shape, list(probs), maps.shape, list(shapes)))
+        return [ScoredBoxes(np.array([[1.0, 2.0, 3.0, 4.0]]), np.ones(1)) for _ in probs]
+
+    heat = np.zeros((8, 8), np.float16)
+    preds = EvalPredictions(
+        rows=np.array([0, 1, 2]),
+        labels=np.array([1, 0, 1]),
+        probs=np.array([0.1, 0.9, 0.2]),
+        boxes=[ScoredBoxes() for _ in range(3)],
+        heatmaps=[heat, heat, heat],
+        gts=[np.zeros((0, 4))] * 3,
+        shapes=np.array([[16, 16], [16, 16], [32, 32]]),
+    )
+    cache = SimpleNamespace(images=np.zeros((3, 8, 8), np.uint8))
+    detector = SimpleNamespace(box_source="detector", draw_boxes=draw_boxes)
+    out = _detector_label_gated(preds, detector, cache)  # type: ignore[arg-type]
+    assert out is not None and [len(b) for b in out] == [1, 0, 1]
+    assert calls == [((2, 8, 8), [1.0, 1.0], (2, 8, 8), [(16, 16), (32, 32)])]
+    rule = SimpleNamespace(box_source="cam", draw_boxes=draw_boxes)
+    assert _detector_label_gated(preds, rule, cache) is None  # type: ignore[arg-type]

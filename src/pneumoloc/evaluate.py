@@ -351,7 +351,32 @@ def _localisation(preds: EvalPredictions, predictor: BasePredictor, cache: Cache
         box_threshold=predictor.box_threshold,
         box_config=predictor.box_config,
         pointing=out["pointing_game"],
+        label_gated_boxes=_detector_label_gated(preds, predictor, cache),
     )
+    return out
+
+
+def _detector_label_gated(
+    preds: EvalPredictions, predictor: BasePredictor, cache: Cache
+) -> list[ScoredBoxes] | None:
+    """For a predictor whose boxes come from a self-trained detector: its boxes on every truly
+    positive image (probability taken as 1, so the gate always opens) and none elsewhere, the
+    label-gated counterpart of what it deploys; None for the box rule (the anatomy comparison
+    draws those from the heatmaps itself)."""
+    if getattr(predictor, "box_source", "cam") == "cam":
+        return None
+    out = [ScoredBoxes() for _ in range(len(preds))]
+    pos = [i for i in range(len(preds)) if preds.labels[i] == 1 and preds.heatmaps[i] is not None]
+    if not pos:
+        return out
+    drawn = predictor.draw_boxes(
+        np.asarray(cache.images[preds.rows[pos]]),
+        np.ones(len(pos)),
+        np.stack([np.asarray(preds.heatmaps[i], np.float32) for i in pos]),
+        [(int(preds.shapes[i][0]), int(preds.shapes[i][1])) for i in pos],
+    )
+    for i, boxes in zip(pos, drawn, strict=True):
+        out[i] = boxes
     return out
 
 

@@ -154,6 +154,7 @@ def anatomy_comparison(
     box_threshold: float,
     box_config: Any,
     pointing: float | None,
+    label_gated_boxes: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """The model's localisation beside the anatomy baselines, measured on the same images.
 
@@ -168,6 +169,9 @@ def anatomy_comparison(
         box_threshold: The probability that gates the model's boxes (and the baselines').
         box_config: The model's :class:`~pneumoloc.localise.boxes.BoxConfig`.
         pointing: The model's pointing game on the same images.
+        label_gated_boxes: The model's boxes on every truly positive image (none elsewhere)
+            when they do not come from the box rule (a self-trained detector); None: drawn
+            here from the heatmaps with ``box_config``.
 
     Returns:
         ``{"model": {...}, "lung_fields": {...}, "lower_lung_fields": {...}, "ratios": {...}}``;
@@ -180,21 +184,22 @@ def anatomy_comparison(
     from pneumoloc.localise.boxes import ScoredBoxes, cam_to_boxes
 
     positive = np.asarray(labels) == 1
-    gated_model = []
-    for i, is_pos in enumerate(positive):
-        hm = heatmaps[i]
-        if not is_pos or hm is None:
-            gated_model.append(ScoredBoxes())
-            continue
-        gated_model.append(
+    gated_model = (
+        list(label_gated_boxes)
+        if label_gated_boxes is not None
+        else [
             cam_to_boxes(
-                np.asarray(hm, np.float32),
+                np.asarray(heatmaps[i], np.float32),
                 float(probs[i]),
                 threshold=0.0,
                 config=box_config,
                 out_shape=(int(shapes[i][0]), int(shapes[i][1])),
             )
-        )
+            if is_pos and heatmaps[i] is not None
+            else ScoredBoxes()
+            for i, is_pos in enumerate(positive)
+        ]
+    )
     out: dict[str, Any] = {"model": _summary(model_boxes, gated_model, gts, shapes, masks)}
     out["model"]["pointing_game"] = pointing
     random_point = random_in_lung_pointing(masks, gts, shapes)
