@@ -15,6 +15,10 @@ ImageNet weights, the classifier recipe of issue 12):
 * ``pylon_outside``: ``pylon`` with the outside-lung loss (``train --outside-lung-loss 1``: the
   CAM's strongest location outside the label-free lung mask is pushed to "no pneumonia";
   ``pneumoloc.training.anatomy_loss``);
+* ``pylon_student``: ``pylon`` trained with one more source, the unlabelled RSNA images
+  pseudo-labelled by ``--teacher`` (noisy student, ``train --unlabelled DIR --teacher CKPT``:
+  the teacher's most confident half of each predicted class; ``pneumoloc.training.pseudo``),
+  so two thirds of every epoch, not half, are adult RSNA films;
 * ``ensemble(...)``: the three seeds of a variant as one model (probability and heatmap
   averaged), with and without test-time augmentation;
 * ``--checkpoints NAME=PATH``: models trained elsewhere (the shipped default, say), scored
@@ -60,6 +64,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cam32_lse": {"pool": "lse"},
     "pylon_lse": {"decoder": "pylon", "pool": "lse"},
     "pylon_outside": {"decoder": "pylon", "pool": "max", "outside_lung_loss": 1.0},
+    # "student": trained with --unlabelled pseudo-labelled by --teacher (both given to this script)
+    "pylon_student": {"decoder": "pylon", "pool": "max", "student": True},
 }
 RECIPES: dict[str, dict[str, Any]] = {
     # "relu" named: a checkpoint that stores another floor (the issue-13 default) is read
@@ -88,6 +94,11 @@ def _train(args: argparse.Namespace, variant: str, seed: int, out: Path) -> dict
     from pneumoloc.train import train
     from pneumoloc.training.config import TrainConfig
 
+    settings = dict(VARIANTS[variant])
+    if settings.pop("student", False):
+        if args.unlabelled is None or args.teacher is None:
+            raise SystemExit(f"variant {variant} needs --unlabelled and --teacher")
+        settings.update(unlabelled=str(args.unlabelled), teacher=str(args.teacher))
     config = TrainConfig(
         data=str(args.rsna),
         out=str(out),
@@ -100,7 +111,7 @@ def _train(args: argparse.Namespace, variant: str, seed: int, out: Path) -> dict
         seed=seed,
         device="cpu",
         progress=False,
-        **VARIANTS[variant],
+        **settings,
     )
     config.extra_data = [str(args.kermany)]
     start = time.perf_counter()
@@ -147,7 +158,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=192)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="*", default=[v for v in VARIANTS if v != "pylon_student"]
+    )
+    parser.add_argument("--unlabelled", type=Path, help="unlabelled cache (pylon_student)")
+    parser.add_argument("--teacher", type=Path, help="pseudo-labelling checkpoint (pylon_student)")
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--ensembles", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
@@ -185,6 +200,9 @@ def main() -> None:
         "rsna": str(args.rsna),
         "kermany": str(args.kermany),
     }
+    if args.unlabelled is not None:
+        results["setup"]["unlabelled"] = str(args.unlabelled)
+        results["setup"]["teacher"] = str(args.teacher)
 
     def evaluate_model(key: str, ckpt: Path) -> None:
         """Every recipe and split of one model, right after it is made (a cut run keeps it)."""

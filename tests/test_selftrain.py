@@ -194,3 +194,65 @@ def test_selftrain_end_to_end_never_reads_boxes(synth_rsna: Path, tmp_path: Path
     assert prediction_record(preds[0], predictor, image_id="x")["box_source"] == "detector"
     plain = Predictor.from_checkpoint(out, device="cpu", use_detector=False)
     assert plain.detector is None and plain.describe()["box_source"] == "cam"
+
+
+def test_unlabelled_images_need_the_stricter_cut_on_both_sides() -> None:
+    """Label -1: pseudo-boxes only at >= unlabelled_min_probability, background only at <= 1
+    minus it; labelled images keep their own rule (the unlabelled rows change nothing there)."""
+    labels = np.array([1, 0, -1, -1, -1, -1])
+    probs = np.array([0.6, 0.1, 0.6, 0.9, 0.2, 0.4])
+    box = ScoredBoxes(boxes=np.array([[4.0, 5.0, 10.0, 12.0]]), scores=np.ones(1))
+    config = SelfTrainConfig(min_probability=0.5, negatives_per_positive=10)
+    pseudo = make_pseudo_labels(labels, probs, [box] * 6, threshold=0.5, config=config)
+    # image 2 (0.6) is under the unlabelled cut, image 3 (0.9) is over it
+    assert pseudo.n_positive == 2 and list(pseudo.rows[:2]) == [0, 3]
+    # background: the labelled negative and image 4 (0.2 <= 0.3); not image 5 (0.4)
+    assert sorted(pseudo.rows[2:]) == [1, 4]
+    labelled = make_pseudo_labels(labels[:2], probs[:2], [box] * 2, threshold=0.5, config=config)
+    assert list(labelled.rows) == [0, 1]
+    with pytest.raises(ConfigError, match="unlabelled_min_probability"):
+        SelfTrainConfig(unlabelled_min_probability=0.4).validate()
+
+
+def test_selftrain_takes_pseudo_boxes_from_an_unlabelled_cache(
+    synth_rsna: Path, tmp_path: Path
+) -> None:
+    """CLI with --unlabelled: the detector's record counts the unlabelled images it used; a
+    labelled cache given as unlabelled, or one holding a test image of the data, is refused."""
+    import shutil
+
+    from pneumoloc.cli import main
+    from pneumoloc.data.cache import prepare_cache
+    from pneumoloc.models.checkpoint import load_checkpoint
+
+    cache = prepare_cache(synth_rsna, tmp_path / "cache", size=64, workers=1, progress=False)
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    train_rows = cache.split.part("train")
+    for path in cache.table["path"].iloc[train_rows[:12]]:
+        shutil.copy(path, folder / Path(path).name)
+    extra = prepare_cache(
+        folder, tmp_path / "extra", size=64, workers=1, progress=False, unlabelled=True
+    ).root
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(cache.root), "--out", str(run), "--model", "smallcamnet"]
+    argv += ["--image-size", "64", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    out = tmp_path / "st.pt"
+    argv = ["selftrain", str(run / "best.pt"), "--data", str(cache.root), "--out", str(out)]
+    argv += ["--epochs", "1", "--min-probability", "0", "--device", "cpu"]
+    assert main([*argv, "--unlabelled", str(extra), "--unlabelled-min-probability", "0.5"]) == 0
+    record = load_checkpoint(out)["detector"]
+    assert record["n_unlabelled"] == 12
+    assert record["config"]["unlabelled_min_probability"] == 0.5
+    # an untrained-for-one-epoch classifier still sits on one side of 0.5 for most images
+    assert record["n_from_unlabelled"] > 0
+    assert main([*argv, "--unlabelled", str(cache.root)]) == 2  # a labelled cache
+    held = tmp_path / "held"
+    held.mkdir()
+    for path in cache.table["path"].iloc[cache.split.part("test")[:3]]:  # a cache needs 3
+        shutil.copy(path, held)
+    leaked = prepare_cache(
+        held, tmp_path / "leak", size=64, workers=1, progress=False, unlabelled=True
+    ).root
+    assert main([*argv, "--unlabelled", str(leaked)]) == 2  # a test image of the data

@@ -411,6 +411,19 @@ def _add_selftrain_parser(sub: Subparsers) -> None:
         help="labelled-positive training images below this probability give no pseudo-boxes",
     )
     p.add_argument("--rounds", type=int, choices=[1, 2], default=1)
+    p.add_argument(
+        "--unlabelled",
+        type=Path,
+        help="an unlabelled cache (prepare --unlabelled) whose confident images add pseudo-boxes "
+        "and background examples",
+    )
+    p.add_argument(
+        "--unlabelled-min-probability",
+        type=float,
+        default=0.7,
+        help="an unlabelled image gives pseudo-boxes at or above this probability and is "
+        "background at or below 1 minus it",
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_device_option(p)
     p.set_defaults(handler=_cmd_selftrain)
@@ -425,13 +438,15 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
         lr=args.lr,
         min_probability=args.min_probability,
         rounds=args.rounds,
+        unlabelled_min_probability=args.unlabelled_min_probability,
         seed=args.seed,
         device=args.device,
     )
-    result = self_train(args.checkpoint, args.data, args.out, config)
+    result = self_train(args.checkpoint, args.data, args.out, config, unlabelled=args.unlabelled)
     print(
         f"detector trained on {result.n_pseudo_positive} pseudo-boxed and {result.n_negative} "
-        f"background training images in {result.seconds:.0f} s (no ground-truth box used)"
+        f"background images ({result.n_from_unlabelled} of them unlabelled) in "
+        f"{result.seconds:.0f} s (no ground-truth box used)"
     )
     print(f"checkpoint (classifier + detector): {result.checkpoint}")
     return 0

@@ -7,7 +7,10 @@ background-only examples, and a detector (torchvision's FCOS, a well-kept implem
 one-stage anchor-free detector) is trained on them. The detector sees whole images at once, so
 it learns what an opacity box looks like across the data set rather than per image, which is
 where CAM boxes are weakest (their extent). It can be iterated: round 2 trains on the boxes
-of round 1.
+of round 1. Unlabelled images (``--unlabelled``, e.g. the RSNA stage-2 test images) can add
+pseudo-boxes too: those the classifier scores at least ``unlabelled_min_probability`` keep
+their CAM boxes, those it scores at most 1 minus that join the background pool. The
+labelled-positive check cannot apply to them, hence the stricter cut.
 
 At inference the classifier still decides positive/negative; the detector only draws the
 boxes of positive images (falling back to the CAM boxes when it finds none). Both travel in
@@ -22,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +45,9 @@ from pneumoloc.models.detector import (
     init_detector_from_classifier,
 )
 
+if TYPE_CHECKING:
+    from pneumoloc.data.cache import Cache
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,6 +64,10 @@ class SelfTrainConfig:
             CAMs only.
         negatives_per_positive: Labelled-negative images (no boxes) used per pseudo-boxed one.
         rounds: 1, or 2 to retrain on the first detector's boxes.
+        unlabelled_min_probability: An unlabelled image (label -1) gives pseudo-boxes only if
+            its probability is at least this (and the labelled cut), and is a background
+            example only if its probability is at most 1 minus this (and under the decision
+            threshold).
         min_score: Detector boxes below this score are dropped at inference.
         max_boxes: At most this many boxes per image.
         fpn_channels: Width of the feature pyramid (128 keeps it CPU-friendly).
@@ -72,6 +83,7 @@ class SelfTrainConfig:
     min_probability: float = 0.5
     negatives_per_positive: float = 1.0
     rounds: int = 1
+    unlabelled_min_probability: float = 0.7
     min_score: float = DETECTOR_MIN_SCORE
     max_boxes: int = DETECTOR_MAX_BOXES
     fpn_channels: int = 128
@@ -86,6 +98,10 @@ class SelfTrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.min_probability <= 1, "min_probability must be in [0, 1]"),
+            (
+                0.5 <= self.unlabelled_min_probability <= 1,
+                "unlabelled_min_probability must be in [0.5, 1]",
+            ),
             (self.negatives_per_positive >= 0, "negatives_per_positive must be >= 0"),
             (self.rounds in (1, 2), "rounds must be 1 or 2"),
             (self.max_boxes >= 1, "max_boxes must be >= 1"),
@@ -121,19 +137,27 @@ def make_pseudo_labels(
     """Pseudo-boxes for labelled-positive confident images, background for negatives.
 
     Args:
-        labels: Image-level labels (N,) of the training images (no box is read).
+        labels: Image-level labels (N,) of the training images (no box is read); -1 for an
+            unlabelled image (kept on the classifier's word alone, with the stricter
+            ``config.unlabelled_min_probability``).
         probs: The classifier's probabilities (N,).
         drawn: Boxes in input pixels per image (the CAM's, or a detector's in round 2).
         threshold: The classifier's decision threshold.
         config: Self-training settings.
     """
     keep_prob = max(threshold, config.min_probability)
+    keep_unlabelled = max(keep_prob, config.unlabelled_min_probability)
     positives = [
         i
         for i in range(len(labels))
-        if labels[i] == 1 and probs[i] >= keep_prob and len(drawn[i]) > 0
+        if len(drawn[i]) > 0
+        and (
+            (labels[i] == 1 and probs[i] >= keep_prob)
+            or (labels[i] == -1 and probs[i] >= keep_unlabelled)
+        )
     ]
-    negatives = np.flatnonzero(labels == 0)
+    background = min(threshold, 1.0 - config.unlabelled_min_probability)
+    negatives = np.flatnonzero((labels == 0) | ((labels == -1) & (probs <= background)))
     rng = np.random.default_rng(config.seed)
     n_neg = min(len(negatives), math.ceil(config.negatives_per_positive * len(positives)))
     chosen_neg = rng.choice(negatives, size=n_neg, replace=False) if n_neg else np.zeros(0, int)
@@ -217,6 +241,8 @@ class SelfTrainResult:
         seconds: Wall time.
         round_checkpoints: One checkpoint per round, the last being ``checkpoint`` (earlier
             rounds are written beside it as ``<stem>.round<k>.pt``).
+        n_from_unlabelled: Of the pseudo-labelled images (last round), how many are
+            unlabelled images.
     """
 
     checkpoint: Path
@@ -225,6 +251,26 @@ class SelfTrainResult:
     losses: list[list[float]]
     seconds: float
     round_checkpoints: list[Path]
+    n_from_unlabelled: int = 0
+
+
+def _open_unlabelled(path: str | Path, labelled: Cache, size: int) -> Cache:
+    """The unlabelled cache at ``path``, checked: unlabelled kind, same size, and no image of
+    ``labelled``'s validation or test split."""
+    from pneumoloc.data.cache import open_cache
+    from pneumoloc.training.pseudo import check_disjoint
+
+    cache = open_cache(path)
+    if cache.manifest.get("kind") != "unlabelled":
+        raise DataError(
+            f"{cache.root}: not an unlabelled cache (make one with prepare --unlabelled)"
+        )
+    if cache.images.shape[-1] != size:
+        raise ConfigError(
+            f"{cache.root}: cached at {cache.images.shape[-1]} px, the classifier expects {size} px"
+        )
+    check_disjoint(cache, [labelled])
+    return cache
 
 
 def self_train(
@@ -232,12 +278,16 @@ def self_train(
     data: str | Path,
     out: str | Path,
     config: SelfTrainConfig | None = None,
+    *,
+    unlabelled: str | Path | None = None,
 ) -> SelfTrainResult:
     """Train a detector on the classifier's pseudo-boxes of the training split; write a
     checkpoint with both (``out``, a file path; with 2 rounds round 1's is kept beside it).
 
     Only the training split's images and image-level labels are read; boxes of the data set
-    are never opened.
+    are never opened. ``unlabelled``: an unlabelled cache (``prepare --unlabelled``) whose
+    confident images join the pseudo-labels (refused if it holds a validation or test image
+    of ``data``).
 
     Raises:
         ConfigError: Bad settings. DataError: No pseudo-boxes. CheckpointError, CacheError.
@@ -259,7 +309,13 @@ def self_train(
         )
     rows = cache.split.part("train")
     images = np.asarray(cache.images[rows])
-    labels = np.asarray(cache.labels[rows])
+    labels = np.asarray(cache.labels[rows]).astype(np.int64)
+    n_unlabelled = 0
+    if unlabelled is not None:
+        extra = _open_unlabelled(unlabelled, cache, size)
+        images = np.concatenate([images, np.asarray(extra.images[extra.split.part("all")])])
+        n_unlabelled = len(images) - len(rows)
+        labels = np.concatenate([labels, np.full(n_unlabelled, -1, np.int64)])
 
     def cam_boxes(batch: np.ndarray) -> tuple[np.ndarray, list[ScoredBoxes]]:
         predictions = predictor.predict_arrays(batch, [(size, size)] * len(batch))
@@ -284,11 +340,13 @@ def self_train(
         pseudo = make_pseudo_labels(
             labels, probs, drawn, threshold=predictor.threshold, config=config
         )
+        from_unlabelled = int(np.sum(labels[pseudo.rows] == -1))
         logger.info(
-            "round %d: %d pseudo-boxed positives, %d negatives",
+            "round %d: %d pseudo-boxed positives, %d negatives (%d of them unlabelled images)",
             round_ + 1,
             pseudo.n_positive,
             len(pseudo.rows) - pseudo.n_positive,
+            from_unlabelled,
         )
         losses.append(train_detector(detector, images, pseudo, config, device=device))
         if round_ + 1 < config.rounds:
@@ -311,6 +369,8 @@ def self_train(
             "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
             "config": {**asdict(config), "rounds": round_ + 1},
             "n_pseudo_positive": pseudo.n_positive,
+            "n_unlabelled": n_unlabelled,
+            "n_from_unlabelled": from_unlabelled,
             "initialised_from_classifier": copied > 0,
             "note": "trained on CAM pseudo-boxes of the training split; no ground-truth box used",
         }
@@ -324,4 +384,5 @@ def self_train(
         losses=losses,
         seconds=time.perf_counter() - started,
         round_checkpoints=written,
+        n_from_unlabelled=from_unlabelled,
     )
