@@ -149,6 +149,55 @@ def test_detector_starts_from_a_resnet18_classifier() -> None:
     assert init_detector_from_classifier(build_detector(S, 32), build_model("smallcamnet")) == 0
 
 
+def test_an_efficientnet_detector_starts_from_the_classifier_and_round_trips() -> None:
+    """The EfficientNet-lite detector's encoder takes every tensor of a tf_efficientnet_lite0
+    classifier's encoder (a resnet18 detector takes none), and a stored one rebuilds to the
+    same outputs; an unknown kind or backbone is refused."""
+    from pneumoloc.errors import CheckpointError
+    from pneumoloc.models.detector import detector_kind, load_detector
+
+    classifier = build_model("tf_efficientnet_lite0")
+    detector = build_detector(S, 32, "tf_efficientnet_lite0")
+    body = detector.backbone.body  # type: ignore[union-attr]
+    assert init_detector_from_classifier(detector, classifier) == len(body.state_dict())
+    torch.testing.assert_close(
+        body.blocks[3][0].conv_pw.weight, classifier.backbone.blocks[3][0].conv_pw.weight
+    )
+    assert init_detector_from_classifier(build_detector(S, 32), classifier) == 0
+    entry = {
+        "kind": detector_kind("tf_efficientnet_lite0"),
+        "image_size": S,
+        "fpn_channels": 32,
+        "state_dict": detector.state_dict(),
+    }
+    images, _, _ = opacity_images(2, seed=0)
+    torch.manual_seed(0)
+    for (a, sa), (b, sb) in zip(
+        detect(detector, images, min_score=0.0, max_boxes=2),
+        detect(load_detector(entry), images, min_score=0.0, max_boxes=2),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(sa, sb, atol=1e-5)
+    with pytest.raises(CheckpointError, match="unknown detector kind"):
+        load_detector({**entry, "kind": "fcos-vgg-fpn"})
+    with pytest.raises(CheckpointError, match="unknown detector backbone"):
+        build_detector(S, 32, "vgg16")
+    with pytest.raises(ConfigError, match="detector_backbone"):
+        SelfTrainConfig(detector_backbone="vgg16").validate()
+
+
+def test_a_pair_gives_its_classifier_to_the_detector() -> None:
+    """For a classifier + localiser file (the shipped default), the detector's encoder comes
+    from the member that gives the probability (average pooling), not the localiser."""
+    from pneumoloc.inference.base import DEFAULT_WEIGHTS
+    from pneumoloc.selftrain import _classifier_member
+
+    _, spec = _classifier_member(DEFAULT_WEIGHTS)
+    assert spec["name"] == "tf_efficientnet_lite0" and spec["kwargs"]["pool"] == "avg"
+    assert "decoder" not in spec["kwargs"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_detect_on_cuda() -> None:
     detector = build_detector(S, 32).cuda()

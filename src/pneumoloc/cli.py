@@ -424,6 +424,12 @@ def _add_selftrain_parser(sub: Subparsers) -> None:
         help="an unlabelled image gives pseudo-boxes at or above this probability and is "
         "background at or below 1 minus it",
     )
+    p.add_argument(
+        "--detector-backbone",
+        default="resnet18",
+        help="resnet18 (from scratch unless the classifier is one), a tf_efficientnet_lite0/1/2, "
+        "or auto: the classifier's own encoder when it is one of these (started from its weights)",
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_device_option(p)
     p.set_defaults(handler=_cmd_selftrain)
@@ -439,6 +445,7 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
         min_probability=args.min_probability,
         rounds=args.rounds,
         unlabelled_min_probability=args.unlabelled_min_probability,
+        detector_backbone=args.detector_backbone,
         seed=args.seed,
         device=args.device,
     )

@@ -36,12 +36,13 @@ from pneumoloc.errors import ConfigError, DataError
 from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
 from pneumoloc.localise.geometry import xywh_to_xyxy
 from pneumoloc.models.detector import (
-    DETECTOR_KIND,
+    DETECTOR_BACKBONES,
     DETECTOR_MAX_BOXES,
     DETECTOR_MIN_SCORE,
     build_detector,
     detect,
     detector_input,
+    detector_kind,
     init_detector_from_classifier,
 )
 
@@ -71,8 +72,12 @@ class SelfTrainConfig:
         min_score: Detector boxes below this score are dropped at inference.
         max_boxes: At most this many boxes per image.
         fpn_channels: Width of the feature pyramid (128 keeps it CPU-friendly).
-        init_from_classifier: Start the detector's resnet18 from the classifier's backbone
-            weights when the classifier is a resnet18 (the names match), else from scratch.
+        detector_backbone: One of ``DETECTOR_BACKBONES`` (``resnet18``, the first detector),
+            or ``"auto"``: the classifier's own encoder when it is one of them (the
+            EfficientNet-lite of the ImageNet-initialised classifiers), else resnet18.
+        init_from_classifier: Start the detector's backbone from the classifier's encoder
+            weights when the architectures match (for a classifier paired with a localiser:
+            the classifier's, the member that gives the probability), else from scratch.
         seed: Seed of the detector's initialisation and data order.
         device: "auto", "cpu" or "cuda".
     """
@@ -87,6 +92,7 @@ class SelfTrainConfig:
     min_score: float = DETECTOR_MIN_SCORE
     max_boxes: int = DETECTOR_MAX_BOXES
     fpn_channels: int = 128
+    detector_backbone: str = "resnet18"
     init_from_classifier: bool = True
     seed: int = 0
     device: str = "auto"
@@ -105,6 +111,10 @@ class SelfTrainConfig:
             (self.negatives_per_positive >= 0, "negatives_per_positive must be >= 0"),
             (self.rounds in (1, 2), "rounds must be 1 or 2"),
             (self.max_boxes >= 1, "max_boxes must be >= 1"),
+            (
+                self.detector_backbone in ("auto", *DETECTOR_BACKBONES),
+                f"detector_backbone must be auto or one of {', '.join(DETECTOR_BACKBONES)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -254,6 +264,19 @@ class SelfTrainResult:
     n_from_unlabelled: int = 0
 
 
+def _classifier_member(checkpoint: str | Path) -> tuple[nn.Module, dict[str, object]]:
+    """The network that gives the probability (the classifier of a classifier + localiser
+    pair, the first member of a plain ensemble, or the one model) and its model spec."""
+    from pneumoloc.models.checkpoint import member_roles, models_from_checkpoint
+
+    models, meta = models_from_checkpoint(checkpoint)
+    if not meta.get("members"):
+        return models[0], dict(meta["model"])
+    roles = member_roles(meta)
+    k = next((i for i, r in enumerate(roles) if r != "heatmap"), 0)
+    return models[k], dict(meta["members"][k]["model"])
+
+
 def _open_unlabelled(path: str | Path, labelled: Cache, size: int) -> Cache:
     """The unlabelled cache at ``path``, checked: unlabelled kind, same size, and no image of
     ``labelled``'s validation or test split."""
@@ -321,12 +344,20 @@ def self_train(
         predictions = predictor.predict_arrays(batch, [(size, size)] * len(batch))
         return np.array([p.probability for p in predictions]), [p.boxes for p in predictions]
 
+    encoder = _classifier_member(checkpoint)
+    backbone = config.detector_backbone
+    if backbone == "auto":
+        name = str(encoder[1]["name"])
+        backbone = name if name in DETECTOR_BACKBONES else "resnet18"
     torch.manual_seed(config.seed)
-    detector = build_detector(size, config.fpn_channels)
+    detector = build_detector(size, config.fpn_channels, backbone)
     copied = (
-        init_detector_from_classifier(detector, predictor.model)
-        if config.init_from_classifier
-        else 0
+        init_detector_from_classifier(detector, encoder[0]) if config.init_from_classifier else 0
+    )
+    logger.info(
+        "detector: FCOS on %s, %s",
+        backbone,
+        f"{copied} tensors from the classifier" if copied else "from scratch",
     )
     # The classifier's pass over the training images, once for every round.
     probs, cam = cam_boxes(images)
@@ -363,7 +394,8 @@ def self_train(
         last = round_ + 1 == config.rounds
         path = out_path if last else out_path.with_name(f"{out_path.stem}.round{round_ + 1}.pt")
         payload["detector"] = {
-            "kind": DETECTOR_KIND,
+            "kind": detector_kind(backbone),
+            "backbone": backbone,
             "image_size": size,
             "fpn_channels": config.fpn_channels,
             "state_dict": {k: v.detach().cpu() for k, v in detector.state_dict().items()},

@@ -1,4 +1,5 @@
-"""The box detector of self-training: torchvision's FCOS on a resnet18 feature pyramid.
+"""The box detector of self-training: torchvision's FCOS on a resnet18 or EfficientNet-lite
+feature pyramid.
 
 Built, run and loaded here, below both its users: ``pneumoloc selftrain`` trains it on the
 classifier's CAM pseudo-boxes, and the inference backends run it to draw the boxes of positive
@@ -17,44 +18,106 @@ from torch import Tensor, nn
 from pneumoloc.errors import CheckpointError
 
 __all__ = [
+    "DETECTOR_BACKBONES",
     "DETECTOR_KIND",
     "DETECTOR_MAX_BOXES",
     "DETECTOR_MIN_SCORE",
     "build_detector",
     "detect",
     "detector_input",
+    "detector_kind",
     "init_detector_from_classifier",
     "load_detector",
 ]
 
 DETECTOR_KIND = "fcos-resnet18-fpn"
+"""The kind of the first detector (resnet18 from scratch); others are ``fcos-NAME-fpn``."""
+DETECTOR_BACKBONES = (
+    "resnet18",
+    "tf_efficientnet_lite0",
+    "tf_efficientnet_lite1",
+    "tf_efficientnet_lite2",
+)
+"""Backbones a detector can have: torchvision's resnet18, or the timm encoders a pneumoloc
+classifier is built on, so the detector can start from the classifier's own weights."""
 DETECTOR_MIN_SCORE = 0.05
 """Detector boxes scoring below this are dropped at inference (unless a checkpoint says)."""
 DETECTOR_MAX_BOXES = 2
 """At most this many detector boxes per image (unless a checkpoint says)."""
 
 
-def build_detector(image_size: int, fpn_channels: int = 128) -> nn.Module:
-    """FCOS on a resnet18 feature pyramid (strides 8-128), for grey images of one size.
+def detector_kind(backbone: str) -> str:
+    """The checkpoint ``kind`` of a detector with this backbone."""
+    return DETECTOR_KIND if backbone == "resnet18" else f"fcos-{backbone}-fpn"
+
+
+class TimmFpnBackbone(nn.Module):
+    """A 1-channel timm encoder's stride-8/16/32 stages under a feature pyramid (P3-P7), the
+    backbone FCOS expects (``out_channels``, an ordered dict of maps). Its ``body`` has the
+    parameter names of the classifier's encoder, so the classifier's weights load into it.
+
+    FCOS hands it the grey image repeated to three channels (normalised like the classifier's
+    input); the encoder reads the first.
+    """
+
+    def __init__(self, name: str, fpn_channels: int) -> None:
+        super().__init__()
+        import timm
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+        self.body = timm.create_model(
+            name, features_only=True, out_indices=(2, 3, 4), in_chans=1, pretrained=False
+        )
+        info: Any = self.body.feature_info
+        self.fpn = FeaturePyramidNetwork(
+            info.channels(),
+            fpn_channels,
+            extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+        )
+        self.out_channels = fpn_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        from collections import OrderedDict
+
+        feats = self.body(x[:, :1])
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))  # type: ignore[no-any-return]
+
+
+def build_detector(
+    image_size: int, fpn_channels: int = 128, backbone: str = "resnet18"
+) -> nn.Module:
+    """FCOS on a feature pyramid (strides 8-128) over ``backbone`` (one of
+    :data:`DETECTOR_BACKBONES`), for grey images of one size.
 
     Grey images are repeated to three channels inside torchvision's transform-free path
-    (``min_size = max_size = image_size``: no resizing, boxes stay in input pixels).
+    (``min_size = max_size = image_size``: no resizing, boxes stay in input pixels), normalised
+    with mean 0.5 and std 0.25 (the classifier's own input scaling).
+
+    Raises:
+        CheckpointError: An unknown backbone.
     """
     from torchvision.models import resnet18
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-    body = resnet18(weights=None)
-    backbone = BackboneWithFPN(
-        body,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[128, 256, 512],
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
-    )
+    if backbone not in DETECTOR_BACKBONES:
+        raise CheckpointError(
+            f"unknown detector backbone {backbone!r} (known: {', '.join(DETECTOR_BACKBONES)})"
+        )
+    features: nn.Module
+    if backbone == "resnet18":
+        features = BackboneWithFPN(
+            resnet18(weights=None),
+            return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+            in_channels_list=[128, 256, 512],
+            out_channels=fpn_channels,
+            extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+        )
+    else:
+        features = TimmFpnBackbone(backbone, fpn_channels)
     return FCOS(
-        backbone,
+        features,
         num_classes=2,
         min_size=image_size,
         max_size=image_size,
@@ -66,9 +129,10 @@ def build_detector(image_size: int, fpn_channels: int = 128) -> nn.Module:
 
 
 def init_detector_from_classifier(detector: nn.Module, classifier: nn.Module) -> int:
-    """Copy a resnet18 classifier's backbone weights into the detector's; returns how many
-    tensors were copied (0 when the architectures do not match). The classifier's 1-channel
-    stem becomes a 3-channel one (weights / 3, the input is grey repeated)."""
+    """Copy a classifier's encoder weights into the detector's backbone of the same
+    architecture (resnet18, or the timm encoder of :class:`TimmFpnBackbone`); returns how many
+    tensors were copied (0 when the architectures do not match). A resnet18 classifier's
+    1-channel stem becomes a 3-channel one (weights / 3, the input is grey repeated)."""
     source: Any = getattr(classifier, "backbone", None)
     if source is None:
         return 0
@@ -127,9 +191,14 @@ def load_detector(entry: dict[str, Any], device: str | torch.device = "cpu") -> 
     Raises:
         CheckpointError: Unknown kind or weights that do not fit.
     """
-    if entry.get("kind") != DETECTOR_KIND:
+    kinds = {detector_kind(b): b for b in DETECTOR_BACKBONES}
+    if entry.get("kind") not in kinds:
         raise CheckpointError(f"unknown detector kind {entry.get('kind')!r}")
-    detector = build_detector(int(entry["image_size"]), int(entry.get("fpn_channels", 128)))
+    detector = build_detector(
+        int(entry["image_size"]),
+        int(entry.get("fpn_channels", 128)),
+        kinds[str(entry["kind"])],
+    )
     try:
         detector.load_state_dict(entry["state_dict"])
     except RuntimeError as exc:
