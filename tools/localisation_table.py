@@ -56,9 +56,12 @@ def main() -> None:
                 continue
             cells = [fmt([f(e) for e in es]) for _, f in COLS]
             print(f"| {variant} | {recipe} | {len(es)} | " + " | ".join(cells) + " |")
-        # Anatomy baselines: identical for every model up to the gate; shown from the cam32 runs.
+        # Anatomy baselines: identical for every model up to the gate; shown from the "lung"
+        # recipe's rows, or from every row of a file that has none (one classifier gating all).
+        rows = [(r, e) for (s, v, r), g in groups.items() if s == split for e in g]
+        lung = [e for r, e in rows if r == "lung"]
         for rule in ("lung_fields", "lower_lung_fields"):
-            es = [e for (s, v, r), g in groups.items() if s == split and r == "lung" for e in g]
+            es = lung or [e for _, e in rows]
             cells = [fmt([e["localisation"]["vs_anatomy"][rule][k] for e in es]) for _, k in BASE]
             print(
                 f"\n{rule} (no heatmap; gated like each model): "
