@@ -1,0 +1,72 @@
+"""Label-free check of self-trained detectors: do their boxes agree with the CAM boxes they
+learnt from, on validation images the classifier flags? No label and no truth box is read.
+
+For each detector checkpoint: on the validation images the reference checkpoint (the
+classifier + localiser the detectors were trained from) flags and boxes, the median IoU of the
+detector's top box with the reference's CAM boxes, and the median ratio of its area to the
+largest CAM box (docs/localisation.md round 3h: detectors whose boxes shrank to under half the
+CAM box scored far below the others).
+
+    PYTHONPATH=src python benchmarks/detector_agreement.py --data CACHE192 --reference PAIR.pt \\
+        --checkpoints NAME=ST.pt ... --results docs/results/detector-agreement-2026-12-04.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    from pneumoloc.data.cache import open_cache
+    from pneumoloc.inference import Predictor
+    from pneumoloc.localise.geometry import xywh_to_xyxy
+    from pneumoloc.metrics.localisation import iou_matrix
+    from pneumoloc.models.detector import detect
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, required=True)
+    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--results", type=Path, required=True)
+    args = parser.parse_args()
+    cache = open_cache(args.data)
+    images = np.asarray(cache.images[cache.split.part(args.split)])
+    size = images.shape[-1]
+    base = Predictor.from_checkpoint(args.reference, device="cpu")
+    preds = base.predict_arrays(images, [(size, size)] * len(images))
+    flagged = [i for i, p in enumerate(preds) if p.positive and len(p.boxes.boxes)]
+    results = {}
+    for item in args.checkpoints:
+        name, _, path = item.partition("=")
+        detector = Predictor.from_checkpoint(path, device="cpu").detector
+        if detector is None:
+            raise SystemExit(f"{path}: no self-trained detector in this checkpoint")
+        found = detect(detector, images[flagged], min_score=0.05, max_boxes=2)
+        ious, ratios = [], []
+        for k, (boxes, _) in zip(flagged, found, strict=True):
+            if not len(boxes):
+                continue
+            cam = xywh_to_xyxy(preds[k].boxes.boxes)
+            ious.append(float(iou_matrix(boxes[:1], cam).max()))
+            largest = float(np.max((cam[:, 2] - cam[:, 0]) * (cam[:, 3] - cam[:, 1])))
+            top = boxes[0]
+            ratios.append(float((top[2] - top[0]) * (top[3] - top[1]) / largest))
+        results[name] = {
+            "checkpoint": path,
+            "split": args.split,
+            "n_flagged": len(flagged),
+            "n_with_detection": len(ious),
+            "iou_with_cam_median": float(np.median(ious)) if ious else None,
+            "area_ratio_median": float(np.median(ratios)) if ratios else None,
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    args.results.write_text(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
