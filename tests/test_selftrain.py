@@ -190,10 +190,10 @@ def test_an_efficientnet_detector_starts_from_the_classifier_and_round_trips() -
 def test_a_pair_gives_its_classifier_to_the_detector() -> None:
     """For a classifier + localiser file (the shipped default), the detector's encoder comes
     from the member that gives the probability (average pooling), not the localiser."""
-    from pneumoloc.inference.base import DEFAULT_WEIGHTS
+    from pneumoloc.inference import Predictor
     from pneumoloc.selftrain import _classifier_member
 
-    _, spec = _classifier_member(DEFAULT_WEIGHTS)
+    _, spec = _classifier_member(Predictor.from_checkpoint(None, device="cpu"))
     assert spec["name"] == "tf_efficientnet_lite0" and spec["kwargs"]["pool"] == "avg"
     assert "decoder" not in spec["kwargs"]
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -264,17 +264,26 @@ class SelfTrainResult:
     n_from_unlabelled: int = 0
 
 
-def _classifier_member(checkpoint: str | Path) -> tuple[nn.Module, dict[str, object]]:
-    """The network that gives the probability (the classifier of a classifier + localiser
-    pair, the first member of a plain ensemble, or the one model) and its model spec."""
-    from pneumoloc.models.checkpoint import member_roles, models_from_checkpoint
+def _classifier_member(predictor: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a loaded torch predictor that gives the probability (the classifier of
+    a classifier + localiser pair, the first member of a plain ensemble, or the one model) and
+    its model spec."""
+    from pneumoloc.models.checkpoint import member_roles
 
-    models, meta = models_from_checkpoint(checkpoint)
-    if not meta.get("members"):
-        return models[0], dict(meta["model"])
+    meta = predictor.meta
+    if not predictor.members:
+        return predictor.model, dict(meta["model"])
     roles = member_roles(meta)
     k = next((i for i, r in enumerate(roles) if r != "heatmap"), 0)
-    return models[k], dict(meta["members"][k]["model"])
+    return predictor.members[k], dict(meta["members"][k]["model"])
+
+
+def _check_size(cache: Cache, where: str | Path, size: int) -> None:
+    """Refuse a cache whose images are not ``size`` px (the classifier's input)."""
+    if cache.images.shape[-1] != size:
+        raise ConfigError(
+            f"{where}: cached at {cache.images.shape[-1]} px, the classifier expects {size} px"
+        )
 
 
 def _open_unlabelled(path: str | Path, labelled: Cache, size: int) -> Cache:
@@ -288,10 +297,7 @@ def _open_unlabelled(path: str | Path, labelled: Cache, size: int) -> Cache:
         raise DataError(
             f"{cache.root}: not an unlabelled cache (make one with prepare --unlabelled)"
         )
-    if cache.images.shape[-1] != size:
-        raise ConfigError(
-            f"{cache.root}: cached at {cache.images.shape[-1]} px, the classifier expects {size} px"
-        )
+    _check_size(cache, cache.root, size)
     check_disjoint(cache, [labelled])
     return cache
 
@@ -326,10 +332,7 @@ def self_train(
     predictor = Predictor.from_checkpoint(checkpoint, device=str(device))
     cache = open_cache(data)
     size = predictor.image_size
-    if cache.images.shape[-1] != size:
-        raise ConfigError(
-            f"{data}: cached at {cache.images.shape[-1]} px, the classifier expects {size} px"
-        )
+    _check_size(cache, data, size)
     rows = cache.split.part("train")
     images = np.asarray(cache.images[rows])
     labels = np.asarray(cache.labels[rows]).astype(np.int64)
@@ -344,7 +347,7 @@ def self_train(
         predictions = predictor.predict_arrays(batch, [(size, size)] * len(batch))
         return np.array([p.probability for p in predictions]), [p.boxes for p in predictions]
 
-    encoder = _classifier_member(checkpoint)
+    encoder = _classifier_member(predictor)
     backbone = config.detector_backbone
     if backbone == "auto":
         name = str(encoder[1]["name"])

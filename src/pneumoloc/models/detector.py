@@ -9,6 +9,7 @@ images. Turning its detections into scored boxes in original pixels is
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,6 @@ class TimmFpnBackbone(nn.Module):
         self.out_channels = fpn_channels
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        from collections import OrderedDict
-
         feats = self.body(x[:, :1])
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))  # type: ignore[no-any-return]
 
