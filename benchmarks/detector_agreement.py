@@ -5,7 +5,10 @@ For each detector checkpoint: on the validation images the reference checkpoint 
 classifier + localiser the detectors were trained from) flags and boxes, the median IoU of the
 detector's top box with the reference's CAM boxes, and the median ratio of its area to the
 largest CAM box (docs/localisation.md round 3h: detectors whose boxes shrank to under half the
-CAM box scored far below the others).
+CAM box scored far below the others). The figures are pneumoloc.localise.agreement's, the
+ones `pneumoloc selftrain --candidates` ranks seeds by. (Before 2026-12-04 21:00 UTC this
+script passed corner boxes to the xywh IoU: its IoU column from then is wrong; the area ratio
+was computed apart and is unaffected.)
 
     PYTHONPATH=src python benchmarks/detector_agreement.py --data CACHE192 --reference PAIR.pt \\
         --checkpoints NAME=ST.pt ... --results docs/results/detector-agreement-2026-12-04.json
@@ -23,8 +26,8 @@ import numpy as np
 def main() -> None:
     from pneumoloc.data.cache import open_cache
     from pneumoloc.inference import Predictor
+    from pneumoloc.localise.agreement import box_agreement
     from pneumoloc.localise.geometry import xywh_to_xyxy
-    from pneumoloc.metrics.localisation import iou_matrix
     from pneumoloc.models.detector import detect
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -47,22 +50,15 @@ def main() -> None:
         if detector is None:
             raise SystemExit(f"{path}: no self-trained detector in this checkpoint")
         found = detect(detector, images[flagged], min_score=0.05, max_boxes=2)
-        ious, ratios = [], []
-        for k, (boxes, _) in zip(flagged, found, strict=True):
-            if not len(boxes):
-                continue
-            cam = xywh_to_xyxy(preds[k].boxes.boxes)
-            ious.append(float(iou_matrix(boxes[:1], cam).max()))
-            largest = float(np.max((cam[:, 2] - cam[:, 0]) * (cam[:, 3] - cam[:, 1])))
-            top = boxes[0]
-            ratios.append(float((top[2] - top[0]) * (top[3] - top[1]) / largest))
+        reference = [xywh_to_xyxy(preds[k].boxes.boxes) for k in flagged]
+        agreement = box_agreement([boxes for boxes, _ in found], reference)
         results[name] = {
             "checkpoint": path,
             "split": args.split,
             "n_flagged": len(flagged),
-            "n_with_detection": len(ious),
-            "iou_with_cam_median": float(np.median(ious)) if ious else None,
-            "area_ratio_median": float(np.median(ratios)) if ratios else None,
+            "n_with_detection": agreement.n_with_detection,
+            "iou_with_cam_median": agreement.iou_median,
+            "area_ratio_median": agreement.area_ratio_median,
         }
         print(name, json.dumps(results[name]), flush=True)
     args.results.write_text(json.dumps(results, indent=1, sort_keys=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from pneumoloc.errors import ConfigError, DataError
+from pneumoloc.localise.agreement import box_agreement
 from pneumoloc.localise.boxes import ScoredBoxes
+from pneumoloc.localise.geometry import xyxy_to_xywh
 from pneumoloc.metrics.localisation import iou_matrix
 from pneumoloc.models import build_model
 from pneumoloc.selftrain import (
@@ -43,6 +46,11 @@ def opacity_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return images, labels, truth
 
 
+def iou_xyxy(a: np.ndarray, b: np.ndarray) -> float:
+    """Best IoU of corner boxes (the detector's format; iou_matrix takes xywh)."""
+    return float(iou_matrix(xyxy_to_xywh(a), xyxy_to_xywh(b)).max())
+
+
 def test_detector_learns_planted_opacities_from_noisy_pseudo_boxes() -> None:
     """Pseudo-boxes are the truth with every edge moved at random by up to a fifth of the side
     (CAM boxes are that noisy); the detector, fitting all images at once, averages the noise
@@ -73,7 +81,7 @@ def test_detector_learns_planted_opacities_from_noisy_pseudo_boxes() -> None:
     test_images, test_labels, test_truth = opacity_images(16, seed=5)
     found = detect(detector, test_images, min_score=0.05, max_boxes=1)
     ious = [
-        float(iou_matrix(boxes[:1], test_truth[i : i + 1]).max()) if len(boxes) else 0.0
+        iou_xyxy(boxes[:1], test_truth[i : i + 1]) if len(boxes) else 0.0
         for i, (boxes, _) in enumerate(found)
         if test_labels[i]
     ]
@@ -82,7 +90,7 @@ def test_detector_learns_planted_opacities_from_noisy_pseudo_boxes() -> None:
     torch.manual_seed(0)
     untrained = detect(build_detector(S, 64), test_images, min_score=0.05, max_boxes=1)
     raw = [
-        float(iou_matrix(b[:1], test_truth[i : i + 1]).max()) if len(b) else 0.0
+        iou_xyxy(b[:1], test_truth[i : i + 1]) if len(b) else 0.0
         for i, (b, _) in enumerate(untrained)
         if test_labels[i]
     ]
@@ -305,3 +313,79 @@ def test_selftrain_takes_pseudo_boxes_from_an_unlabelled_cache(
         held, tmp_path / "leak", size=64, workers=1, progress=False, unlabelled=True
     ).root
     assert main([*argv, "--unlabelled", str(leaked)]) == 2  # a test image of the data
+
+
+def test_box_agreement_known_values() -> None:
+    """Top box half the reference's area inside it: ratio 0.5, IoU 0.5; only the top box
+    counts; images without a reference box are skipped; images without a detection count in
+    n_images only."""
+    ref = np.array([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 24.0, 24.0]])  # largest: 100
+    half = np.array([[0.0, 0.0, 10.0, 5.0], [0.0, 0.0, 10.0, 10.0]])  # second box ignored
+    same = np.array([[0.0, 0.0, 10.0, 10.0]])
+    out = box_agreement([half, same, np.zeros((0, 4)), same], [ref, ref, ref, np.zeros((0, 4))])
+    assert out.n_images == 3 and out.n_with_detection == 2
+    assert out.area_ratio_median == pytest.approx(0.75)  # median of 0.5 and 1.0
+    assert out.iou_median == pytest.approx(0.75)
+    assert box_agreement([half], [ref]).iou_median == pytest.approx(0.5)
+    empty = box_agreement([np.zeros((0, 4))], [ref])
+    assert empty.area_ratio_median is None and empty.score == -np.inf
+    with pytest.raises(ValueError, match="2 detections for 1"):
+        box_agreement([half, half], [ref])
+
+
+def test_candidates_keep_the_seed_whose_boxes_keep_the_cam_area(
+    synth_rsna: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--candidates 3: each seed is trained, compared on the flagged validation images and the
+    one keeping the most CAM area is written (here seed 1 of 0-2: its detector draws the whole
+    image, the others a 2-pixel box); a control without candidates keeps seed 0. Then the real
+    trainer through the CLI: the record lists both seeds' agreement and the kept one."""
+    from pneumoloc import selftrain as st
+    from pneumoloc.cli import main
+    from pneumoloc.data.cache import prepare_cache
+    from pneumoloc.models.checkpoint import load_checkpoint
+
+    cache = prepare_cache(synth_rsna, tmp_path / "cache", size=64, workers=1, progress=False)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(cache.root), "--out", str(run), "--model", "smallcamnet"]
+    argv += ["--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu"]
+    assert main(argv) == 0
+    teacher = run / "best.pt"
+
+    real_train, real_detect = st.train_detector, st.detect
+    seeds: dict[int, int] = {}
+
+    def fake_train(detector, images, pseudo, config, *, device):  # type: ignore[no-untyped-def]
+        seeds[id(detector)] = config.seed
+        return [1.0]
+
+    def fake_detect(detector, images, *, min_score, max_boxes):  # type: ignore[no-untyped-def]
+        box = [0.0, 0.0, 64.0, 64.0] if seeds.get(id(detector)) == 1 else [0.0, 0.0, 2.0, 2.0]
+        return [(np.array([box], np.float32), np.ones(1)) for _ in range(len(images))]
+
+    monkeypatch.setattr(st, "train_detector", fake_train)
+    monkeypatch.setattr(st, "detect", fake_detect)
+    config = st.SelfTrainConfig(epochs=1, min_probability=0.0, candidates=3, device="cpu")
+    chosen = st.self_train(teacher, cache.root, tmp_path / "c.pt", config)
+    assert chosen.selection is not None
+    assert [c["seed"] for c in chosen.selection["candidates"]] == [0, 1, 2]
+    assert chosen.selection["selected_seed"] == 1
+    ratios = [c["area_ratio_median"] for c in chosen.selection["candidates"]]
+    assert ratios[1] > 1.0 > 0.5 > ratios[0] == ratios[2]
+    record = load_checkpoint(tmp_path / "c.pt")["detector"]
+    assert record["config"]["seed"] == 1 and record["selection"]["selected_seed"] == 1
+    plain = st.self_train(teacher, cache.root, tmp_path / "p.pt", replace(config, candidates=1))
+    assert plain.selection is None
+    assert load_checkpoint(tmp_path / "p.pt")["detector"]["config"]["seed"] == 0
+
+    monkeypatch.setattr(st, "train_detector", real_train)
+    monkeypatch.setattr(st, "detect", real_detect)
+    out = tmp_path / "st.pt"
+    argv = ["selftrain", str(teacher), "--data", str(cache.root), "--out", str(out)]
+    argv += ["--epochs", "1", "--min-probability", "0", "--device", "cpu", "--seed", "3"]
+    assert main([*argv, "--candidates", "2"]) == 0
+    selection = load_checkpoint(out)["detector"]["selection"]
+    assert [c["seed"] for c in selection["candidates"]] == [3, 4]
+    assert selection["selected_seed"] in (3, 4) and selection["n_images"] > 0
+    assert main([*argv, "--candidates", "2", "--rounds", "2"]) == 2  # refused: rounds 1 only
+    assert main([*argv, "--candidates", "0"]) == 2

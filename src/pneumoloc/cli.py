@@ -431,6 +431,14 @@ def _add_selftrain_parser(sub: Subparsers) -> None:
         "or auto: the classifier's own encoder when it is one of these (started from its weights)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="train this many detectors (seeds --seed and up) and keep the one whose boxes keep "
+        "the largest share of the CAM box area on the validation images the classifier flags "
+        "(no label or box of them is read); needs --rounds 1",
+    )
     _add_device_option(p)
     p.set_defaults(handler=_cmd_selftrain)
 
@@ -447,6 +455,7 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
         unlabelled_min_probability=args.unlabelled_min_probability,
         detector_backbone=args.detector_backbone,
         seed=args.seed,
+        candidates=args.candidates,
         device=args.device,
     )
     result = self_train(args.checkpoint, args.data, args.out, config, unlabelled=args.unlabelled)
@@ -455,6 +464,14 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
         f"background images ({result.n_from_unlabelled} of them unlabelled) in "
         f"{result.seconds:.0f} s (no ground-truth box used)"
     )
+    if result.selection is not None:
+        for tried in result.selection["candidates"]:
+            print(
+                f"  seed {tried['seed']}: median area ratio {tried['area_ratio_median']}, "
+                f"median IoU {tried['iou_median']} ({tried['n_with_detection']} of "
+                f"{tried['n_images']} flagged validation images with a box)"
+            )
+        print(f"kept seed {result.selection['selected_seed']}")
     print(f"checkpoint (classifier + detector): {result.checkpoint}")
     return 0
 

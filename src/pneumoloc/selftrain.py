@@ -7,7 +7,11 @@ background-only examples, and a detector (torchvision's FCOS, a well-kept implem
 one-stage anchor-free detector) is trained on them. The detector sees whole images at once, so
 it learns what an opacity box looks like across the data set rather than per image, which is
 where CAM boxes are weakest (their extent). It can be iterated: round 2 trains on the boxes
-of round 1. Unlabelled images (``--unlabelled``, e.g. the RSNA stage-2 test images) can add
+of round 1. Self-training is bimodal over seeds (docs/localisation.md round 3h): some seeds'
+detectors collapse to small boxes. ``candidates`` trains several seeds and keeps the one whose
+boxes agree best with the teacher's on the validation images it flags (the median area ratio
+of :mod:`pneumoloc.localise.agreement`; no label and no box of those images is read).
+Unlabelled images (``--unlabelled``, e.g. the RSNA stage-2 test images) can add
 pseudo-boxes too: those the classifier scores at least ``unlabelled_min_probability`` keep
 their CAM boxes, those it scores at most 1 minus that join the background pool. The
 labelled-positive check cannot apply to them, hence the stricter cut.
@@ -23,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +37,7 @@ from torch import nn
 
 from pneumoloc._runtime import resolve_device
 from pneumoloc.errors import ConfigError, DataError
+from pneumoloc.localise.agreement import box_agreement
 from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
 from pneumoloc.localise.geometry import xywh_to_xyxy
 from pneumoloc.models.detector import (
@@ -78,7 +83,11 @@ class SelfTrainConfig:
         init_from_classifier: Start the detector's backbone from the classifier's encoder
             weights when the architectures match (for a classifier paired with a localiser:
             the classifier's, the member that gives the probability), else from scratch.
-        seed: Seed of the detector's initialisation and data order.
+        seed: Seed of the detector's initialisation, negatives drawn and data order.
+        candidates: Detectors to train, with seeds ``seed`` to ``seed + candidates - 1``; the
+            one whose top boxes keep the largest median share of the teacher's CAM box area on
+            the validation images the teacher flags is kept (labels and boxes of those images
+            are not read). 1 (default): train ``seed`` only. Needs ``rounds`` 1.
         device: "auto", "cpu" or "cuda".
     """
 
@@ -95,6 +104,7 @@ class SelfTrainConfig:
     detector_backbone: str = "resnet18"
     init_from_classifier: bool = True
     seed: int = 0
+    candidates: int = 1
     device: str = "auto"
 
     def validate(self) -> None:
@@ -110,6 +120,11 @@ class SelfTrainConfig:
             ),
             (self.negatives_per_positive >= 0, "negatives_per_positive must be >= 0"),
             (self.rounds in (1, 2), "rounds must be 1 or 2"),
+            (self.candidates >= 1, "candidates must be >= 1"),
+            (
+                self.candidates == 1 or self.rounds == 1,
+                "candidates > 1 needs rounds 1 (a seed is chosen once, after round 1)",
+            ),
             (self.max_boxes >= 1, "max_boxes must be >= 1"),
             (
                 self.detector_backbone in ("auto", *DETECTOR_BACKBONES),
@@ -253,6 +268,8 @@ class SelfTrainResult:
             rounds are written beside it as ``<stem>.round<k>.pt``).
         n_from_unlabelled: Of the pseudo-labelled images (last round), how many are
             unlabelled images.
+        selection: With ``candidates`` > 1, the checkpoint's ``detector["selection"]``
+            record (each seed's agreement and the seed kept); else None.
     """
 
     checkpoint: Path
@@ -262,6 +279,7 @@ class SelfTrainResult:
     seconds: float
     round_checkpoints: list[Path]
     n_from_unlabelled: int = 0
+    selection: dict[str, Any] | None = None
 
 
 def _classifier_member(predictor: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -352,11 +370,16 @@ def self_train(
     if backbone == "auto":
         name = str(encoder[1]["name"])
         backbone = name if name in DETECTOR_BACKBONES else "resnet18"
-    torch.manual_seed(config.seed)
-    detector = build_detector(size, config.fpn_channels, backbone)
-    copied = (
-        init_detector_from_classifier(detector, encoder[0]) if config.init_from_classifier else 0
-    )
+
+    fpn_channels, from_classifier = config.fpn_channels, config.init_from_classifier
+
+    def new_detector(seed: int) -> tuple[nn.Module, int]:
+        torch.manual_seed(seed)
+        made = build_detector(size, fpn_channels, backbone)
+        n = init_detector_from_classifier(made, encoder[0]) if from_classifier else 0
+        return made, n
+
+    detector, copied = new_detector(config.seed)
     logger.info(
         "detector: FCOS on %s, %s",
         backbone,
@@ -365,6 +388,12 @@ def self_train(
     # The classifier's pass over the training images, once for every round.
     probs, cam = cam_boxes(images)
     drawn = cam
+    selection: dict[str, Any] | None = None
+    if config.candidates > 1:
+        detector, config, selection = _choose_seed(
+            new_detector, detector, images, labels, probs, cam, cache, predictor, config, device
+        )
+        chosen_losses = selection.pop("losses")
     payload = load_checkpoint(checkpoint)
     out_path = Path(out)
     written: list[Path] = []
@@ -382,7 +411,10 @@ def self_train(
             len(pseudo.rows) - pseudo.n_positive,
             from_unlabelled,
         )
-        losses.append(train_detector(detector, images, pseudo, config, device=device))
+        if selection is not None:  # trained (and chosen) above
+            losses.append(chosen_losses)
+        else:
+            losses.append(train_detector(detector, images, pseudo, config, device=device))
         if round_ + 1 < config.rounds:
             # Next round's pseudo-boxes: this detector's boxes scoring >= 0.3, else the CAM's.
             detections = detect(detector, images, min_score=0.3, max_boxes=config.max_boxes)
@@ -407,6 +439,7 @@ def self_train(
             "n_unlabelled": n_unlabelled,
             "n_from_unlabelled": from_unlabelled,
             "initialised_from_classifier": copied > 0,
+            "selection": selection,
             "note": "trained on CAM pseudo-boxes of the training split; no ground-truth box used",
         }
         save_checkpoint(path, payload)
@@ -420,4 +453,83 @@ def self_train(
         seconds=time.perf_counter() - started,
         round_checkpoints=written,
         n_from_unlabelled=from_unlabelled,
+        selection=selection,
     )
+
+
+def _choose_seed(
+    new_detector: Any,
+    first: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    cam: Sequence[ScoredBoxes],
+    cache: Cache,
+    predictor: Any,
+    config: SelfTrainConfig,
+    device: torch.device,
+) -> tuple[nn.Module, SelfTrainConfig, dict[str, Any]]:
+    """Train ``config.candidates`` detectors (seeds ``config.seed`` up) and keep the one whose
+    top boxes agree best with the teacher's CAM boxes on the validation images it flags.
+
+    Only the validation images' pixels are read (the teacher's predictions on them); their
+    labels and boxes are not. Returns the kept detector, the config with its seed, and the
+    selection record (with the kept detector's losses under ``"losses"``, popped by the caller).
+    """
+    rows = cache.split.part("val")
+    if not len(rows):
+        raise DataError(
+            f"{cache.root}: no validation image to choose among {config.candidates} detector seeds"
+        )
+    held = np.asarray(cache.images[rows])
+    size = held.shape[-1]
+    teacher = predictor.predict_arrays(held, [(size, size)] * len(held))
+    flagged = [i for i, p in enumerate(teacher) if p.positive and len(p.boxes)]
+    if not flagged:
+        raise DataError(
+            f"{cache.root}: the classifier flags no validation image with a box; "
+            "nothing to compare the detector seeds with"
+        )
+    reference = [xywh_to_xyxy(teacher[i].boxes.boxes) for i in flagged]
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, nn.Module, SelfTrainConfig, list[float]] | None = None
+    for k in range(config.candidates):
+        seeded = replace(config, seed=config.seed + k)
+        detector = first if k == 0 else new_detector(seeded.seed)[0]
+        pseudo = make_pseudo_labels(
+            labels, probs, cam, threshold=predictor.threshold, config=seeded
+        )
+        history = train_detector(detector, images, pseudo, seeded, device=device)
+        found = detect(
+            detector, held[flagged], min_score=config.min_score, max_boxes=config.max_boxes
+        )
+        agreement = box_agreement([boxes for boxes, _ in found], reference)
+        tried.append({"seed": seeded.seed, **agreement.to_dict()})
+        logger.info(
+            "candidate seed %d: median area ratio %s, median IoU %s (%d of %d flagged "
+            "validation images with a box)",
+            seeded.seed,
+            agreement.area_ratio_median,
+            agreement.iou_median,
+            agreement.n_with_detection,
+            agreement.n_images,
+        )
+        if best is None or agreement.score > best[0]:
+            best = (agreement.score, detector, seeded, history)
+        else:
+            del detector
+    assert best is not None
+    _, detector, chosen, history = best
+    record = {
+        "rule": (
+            "highest median area ratio of the detector's top box to the teacher's largest CAM "
+            "box, on the validation images the teacher flags (no label or box read)"
+        ),
+        "images": "val",
+        "n_images": len(flagged),
+        "candidates": tried,
+        "selected_seed": chosen.seed,
+        "losses": history,
+    }
+    logger.info("kept seed %d of %d candidates", chosen.seed, config.candidates)
+    return detector, chosen, record

@@ -18,6 +18,7 @@ __all__ = [
     "nms",
     "otsu_threshold",
     "xywh_to_xyxy",
+    "xyxy_area",
     "xyxy_to_xywh",
 ]
 
@@ -106,6 +107,12 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     out[:, 2] += out[:, 0]
     out[:, 3] += out[:, 1]
     return out
+
+
+def xyxy_area(boxes: Any) -> np.ndarray:
+    """Areas of ``(N, 4)`` corner boxes (0 where a corner pair is inverted)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.clip(b[:, 2] - b[:, 0], 0.0, None) * np.clip(b[:, 3] - b[:, 1], 0.0, None)
 
 
 def xyxy_to_xywh(boxes: np.ndarray, *, scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
