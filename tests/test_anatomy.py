@@ -13,6 +13,7 @@ from pneumoloc.metrics.anatomy import (
     lung_coverage,
     median_box_area,
     random_in_lung_pointing,
+    top_box_pointing,
 )
 
 
@@ -131,6 +132,25 @@ def test_label_gated_boxes_given_are_scored_instead_of_the_box_rule() -> None:
     assert from_rule["model"]["rsna_map_label_gated"] < 0.5
     assert given["model"]["rsna_map_label_gated"] == pytest.approx(1.0)
     assert given["model"]["box_acc_iou50"] == pytest.approx(1.0)
+    assert given["model"]["top_box_pointing_label_gated"] == pytest.approx(1.0)
+    # the lung-field box's centre (x 16, y 32) is outside the truth (x 10-20, y 36-46)
+    assert given["lung_fields"]["top_box_pointing_label_gated"] == pytest.approx(0.0)
+
+
+def test_top_box_pointing_uses_the_best_scored_box_only() -> None:
+    """The centre of the highest-scoring box counts, not any box; no box is a miss; images
+    without truth are skipped."""
+    from pneumoloc.localise.boxes import ScoredBoxes
+
+    truth = np.array([[10.0, 10.0, 10.0, 10.0]])
+    on, off = [12.0, 12.0, 6.0, 6.0], [40.0, 40.0, 6.0, 6.0]
+    best_on = ScoredBoxes(np.array([off, on]), np.array([0.2, 0.9]))
+    best_off = ScoredBoxes(np.array([off, on]), np.array([0.9, 0.2]))
+    gts = [truth, truth, truth, np.zeros((0, 4))]
+    assert top_box_pointing([best_on, best_off, ScoredBoxes(), best_on], gts) == pytest.approx(
+        1 / 3
+    )
+    assert top_box_pointing([best_on], [np.zeros((0, 4))]) is None
 
 
 def test_evaluate_forces_a_detectors_boxes_on_the_truly_positive_images() -> None:

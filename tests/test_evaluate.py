@@ -151,6 +151,12 @@ def test_evaluate_rsna_writes_metrics_and_report(
     assert 1 <= len(gallery) <= 6
     assert all((out / "report" / link).is_file() for link in links)
     assert DISCLAIMER in html and html_escape(prov["limits"]) in html
+    # The anatomy baselines sit beside the model in the report, with the numbers of the JSON.
+    assert "Against anatomy (same films)" in html
+    lungs = loc["vs_anatomy"]["lung_fields"]["rsna_map_label_gated"]
+    row = re.search(r"<th>Lung fields \(one box[^<]*</th>((?:<td class='num'>[^<]*</td>)+)", html)
+    assert row is not None
+    assert re.findall(r"<td class='num'>([^<]*)</td>", row.group(1))[1] == f"{lungs:.3f}"
 
 
 def test_evaluate_folder_dataset_has_no_localisation(
@@ -334,6 +340,9 @@ def test_cli_evaluate(
     assert f"ECE {metrics['classification']['ece']:.4f}" in printed
     for view, m in metrics["classification"]["by_view"]["views"].items():
         assert f"{view} " in printed and f"({m['n']} images, {m['n_positive']} positive)" in printed
+    lungs = metrics["localisation"]["vs_anatomy"]["lung_fields"]
+    assert f"(lung-field boxes {lungs['rsna_map_label_gated']:.3f})" in printed
+    assert f"(random point of the lung {lungs['pointing_game']:.3f})" in printed
     assert (
         main(
             [

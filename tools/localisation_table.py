@@ -1,6 +1,9 @@
 """Markdown tables of benchmarks/localisation_ablation.py results: mean ± sd over seeds.
 
 Usage: python tools/localisation_table.py docs/results/localisation-ablation-2026-12-02.json
+
+"top-box pointing" (files from 2026-12-04 on): the centre of the best label-gated box inside a
+truth box; n/a in older files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ COLS = [
     ("RSNA metric", lambda e: e["localisation"]["vs_anatomy"]["model"]["rsna_map"]),
     ("label-gated", lambda e: e["localisation"]["vs_anatomy"]["model"]["rsna_map_label_gated"]),
     ("pointing", lambda e: e["localisation"]["pointing_game"]),
+    (
+        "top-box pointing",
+        lambda e: e["localisation"]["vs_anatomy"]["model"].get("top_box_pointing_label_gated"),
+    ),
     ("box acc@0.3", lambda e: e["localisation"]["vs_anatomy"]["model"]["box_acc_iou30"]),
     ("box acc@0.5", lambda e: e["localisation"]["vs_anatomy"]["model"]["box_acc_iou50"]),
     ("mean IoU", lambda e: e["localisation"]["notebook_mean_iou"]),
@@ -26,6 +33,7 @@ BASE = [
     ("RSNA metric", "rsna_map"),
     ("label-gated", "rsna_map_label_gated"),
     ("pointing (random point in lung)", "pointing_game"),
+    ("top-box pointing (a lung field's centre)", "top_box_pointing_label_gated"),
     ("box acc@0.3", "box_acc_iou30"),
     ("box acc@0.5", "box_acc_iou50"),
     ("median box area", "median_box_area"),
@@ -62,7 +70,9 @@ def main() -> None:
         lung = [e for r, e in rows if r == "lung"]
         for rule in ("lung_fields", "lower_lung_fields"):
             es = lung or [e for _, e in rows]
-            cells = [fmt([e["localisation"]["vs_anatomy"][rule][k] for e in es]) for _, k in BASE]
+            cells = [
+                fmt([e["localisation"]["vs_anatomy"][rule].get(k) for e in es]) for _, k in BASE
+            ]
             print(
                 f"\n{rule} (no heatmap; gated like each model): "
                 + "; ".join(f"{c} {v}" for (c, _), v in zip(BASE, cells, strict=True))

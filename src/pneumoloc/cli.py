@@ -592,6 +592,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         rsna = "n/a" if loc["rsna_map"] is None else f"{loc['rsna_map']:.4f}"
         tuned = " (box settings tuned on val)" if prov["boxes_tuned_on_val"] else ""
         print(f"  RSNA score {rsna}{tuned}")
+        va = loc.get("vs_anatomy")
+        if va:
+
+            def f(x: float | None) -> str:
+                return "n/a" if x is None else f"{x:.3f}"
+
+            model, lungs = va["model"], va["lung_fields"]
+            print(
+                f"  label-gated RSNA score {f(model['rsna_map_label_gated'])} (lung-field boxes "
+                f"{f(lungs['rsna_map_label_gated'])}); pointing game "
+                f"{f(model['pointing_game'])} (random point of the lung "
+                f"{f(lungs['pointing_game'])})"
+            )
     else:
         print("  no ground-truth boxes in this data: localisation not scored")
     print(f"metrics: {Path(args.out) / 'metrics.json'}")

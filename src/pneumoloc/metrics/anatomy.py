@@ -4,6 +4,8 @@
   mask, computed exactly (the share of lung pixels that lie in a truth box), not sampled;
 * :func:`box_accuracy`: the share of images with truth whose boxes contain one with IoU >= t
   with a truth box (CorLoc, Deselaers et al. 2012);
+* :func:`top_box_pointing`: the pointing game of the centre of each image's highest-scoring box
+  (for a detector, which draws no heatmap of its own, the point it would show);
 * :func:`lung_coverage`: the share of the lung mask that the final boxes cover (a map flooded
   over both lungs covers ~1; the median RSNA box is ~6% of the image);
 * :func:`median_box_area`: the median predicted box area as a fraction of its image.
@@ -25,6 +27,7 @@ __all__ = [
     "lung_coverage",
     "median_box_area",
     "random_in_lung_pointing",
+    "top_box_pointing",
 ]
 
 
@@ -82,6 +85,38 @@ def box_accuracy(
     return float(np.mean(hits)) if hits else None
 
 
+def top_box_pointing(boxes: Sequence[Any], gts: Sequence[Any]) -> float | None:
+    """Share of images with truth where the centre of the highest-scoring box lies in a
+    truth box (an image without a box is a miss).
+
+    Args:
+        boxes: Per image a :class:`~pneumoloc.localise.boxes.ScoredBoxes` (xywh, scores).
+        gts: Per image truth ``(Ng, 4)`` xywh boxes, same pixels.
+
+    Returns:
+        The hit rate; None when no image has truth.
+    """
+    hits = []
+    for scored, g in zip(boxes, gts, strict=True):
+        truth = as_boxes(g)
+        if not truth.shape[0]:
+            continue
+        pred = as_boxes(scored.boxes)
+        if not pred.shape[0]:
+            hits.append(False)
+            continue
+        x, y, w, h = pred[int(np.argmax(np.asarray(scored.scores, np.float64)))]
+        cx, cy = x + w / 2, y + h / 2
+        inside = (
+            (cx >= truth[:, 0])
+            & (cx <= truth[:, 0] + truth[:, 2])
+            & (cy >= truth[:, 1])
+            & (cy <= truth[:, 1] + truth[:, 3])
+        )
+        hits.append(bool(inside.any()))
+    return float(np.mean(hits)) if hits else None
+
+
 def lung_coverage(
     pred_boxes: Sequence[Any],
     masks: Sequence[np.ndarray | None],
@@ -134,6 +169,7 @@ def _summary(
         "box_acc_iou50": box_accuracy(gated_boxes, gts, 0.5),
         "notebook_mean_iou_label_gated": _nan_to_none(notebook_mean_iou(gated_boxes, gts)),
         "median_box_area": median_box_area(gated_boxes, shapes),
+        "top_box_pointing_label_gated": top_box_pointing(gated, gts),
         "lung_coverage": lung_coverage(gated_boxes, masks, shapes),
     }
 
@@ -177,8 +213,9 @@ def anatomy_comparison(
         ``{"model": {...}, "lung_fields": {...}, "lower_lung_fields": {...}, "ratios": {...}}``;
         each localiser has ``rsna_map`` (gated by the model's probability, as deployed),
         ``rsna_map_label_gated``, ``box_acc_iou30/50``, ``notebook_mean_iou_label_gated``,
-        ``median_box_area``, ``lung_coverage`` and ``pointing_game`` (for the baselines: a
-        random point of the lung mask, its exact expectation).
+        ``median_box_area``, ``lung_coverage``, ``top_box_pointing_label_gated`` (the centre
+        of the best label-gated box in a truth box) and ``pointing_game`` (the heatmap's
+        peak; for the baselines: a random point of the lung mask, its exact expectation).
     """
     from pneumoloc.localise.anatomy import anatomy_boxes
     from pneumoloc.localise.boxes import ScoredBoxes, cam_to_boxes
@@ -232,6 +269,7 @@ def anatomy_comparison(
         "lung mask (or its lower two thirds), gated like the model. *_label_gated: boxes on "
         "every truly positive image and none elsewhere (localisation judged apart from "
         "classification). Baselines' pointing_game: a uniformly random point of the lung mask "
-        "(exact expectation)."
+        "(exact expectation). top_box_pointing_label_gated: the centre of the highest-scoring "
+        "label-gated box inside a truth box (a detector's point; not the heatmap's peak)."
     )
     return out

@@ -73,6 +73,23 @@ _LOCALISATION_ROWS: list[tuple[str, str, str]] = [
 ]
 
 
+_ANATOMY_ROWS: list[tuple[str, str]] = [
+    ("model", "This model"),
+    ("lung_fields", "Lung fields (one box per half of the lung mask; no heatmap)"),
+    ("lower_lung_fields", "Lower lung fields (their lower two thirds; no heatmap)"),
+]
+_ANATOMY_COLUMNS: list[tuple[str, str]] = [
+    ("rsna_map", "RSNA score"),
+    ("rsna_map_label_gated", "RSNA score, label-gated"),
+    ("pointing_game", "Pointing game"),
+    ("top_box_pointing_label_gated", "Top-box pointing"),
+    ("box_acc_iou30", "Box acc. IoU 0.3"),
+    ("box_acc_iou50", "Box acc. IoU 0.5"),
+    ("median_box_area", "Median box area"),
+    ("lung_coverage", "Lung covered"),
+]
+
+
 @dataclass(frozen=True)
 class GalleryItem:
     """One overlay in the gallery.
@@ -262,6 +279,32 @@ def _localisation(loc: Mapping[str, Any] | None, reason: str | None) -> str:
     return _table(rows)
 
 
+def _anatomy(loc: Mapping[str, Any] | None) -> str:
+    """The model beside the evidence-free anatomy baselines on the same films (issue 13): a
+    localiser that does not beat them says nothing the lung mask does not."""
+    va = (loc or {}).get("vs_anatomy")
+    if not va:
+        return ""
+    head = "".join(f"<th>{_e(name)}</th>" for _, name in _ANATOMY_COLUMNS)
+    out = ["<h3>Against anatomy (same films)</h3>", "<table>", f"<tr><th></th>{head}</tr>"]
+    for key, name in _ANATOMY_ROWS:
+        row = va.get(key) or {}
+        cells = "".join(f"<td class='num'>{_num(row.get(k))}</td>" for k, _ in _ANATOMY_COLUMNS)
+        out.append(f"<tr><th>{_e(name)}</th>{cells}</tr>")
+    out.append("</table>")
+    ratios = va.get("ratios") or {}
+    out.append(
+        "<p class='note'>Label-gated RSNA score: "
+        f"{_num(ratios.get('rsna_map_label_gated_vs_lung_fields'), 2)}x the lung fields', "
+        f"{_num(ratios.get('rsna_map_label_gated_vs_lower_lung_fields'), 2)}x the lower lung "
+        "fields'. Pointing game minus a random point of the lung: "
+        f"{_num(ratios.get('pointing_minus_random_in_lung'))}. "
+        "(The baselines' pointing game is that random point's exact expectation.) "
+        f"{_e(va.get('note', ''))}</p>"
+    )
+    return "\n".join(out)
+
+
 def _img(file: str, alt: str) -> str:
     return f'<img src="{_e(quote(file))}" alt="{_e(alt)}">'
 
@@ -298,6 +341,7 @@ def render_html(
         subgroups_table(metrics.get("subgroups")),
         "<h2>Localisation (boxes)</h2>",
         _localisation(metrics.get("localisation"), metrics.get("localisation_unavailable")),
+        _anatomy(metrics.get("localisation")),
     ]
     if figures:
         parts.append("<h2>Figures</h2><div class='figs'>")
