@@ -16,6 +16,7 @@ from pneumoloc.localise.geometry import xyxy_to_xywh
 from pneumoloc.metrics.localisation import iou_matrix
 from pneumoloc.models import build_model
 from pneumoloc.selftrain import (
+    DetectorTrainer,
     SelfTrainConfig,
     build_detector,
     detect,
@@ -352,21 +353,24 @@ def test_candidates_keep_the_seed_whose_boxes_keep_the_cam_area(
     assert main(argv) == 0
     teacher = run / "best.pt"
 
-    real_train, real_detect = st.train_detector, st.detect
+    real_run, real_detect = st.DetectorTrainer.run, st.detect
     seeds: dict[int, int] = {}
+    runs: list[tuple[int, int]] = []
 
-    def fake_train(detector, images, pseudo, config, *, device):  # type: ignore[no-untyped-def]
-        seeds[id(detector)] = config.seed
-        return [1.0]
+    def fake_run(self, epochs):  # type: ignore[no-untyped-def]
+        seeds[id(self.detector)] = self.config.seed
+        runs.append((self.config.seed, epochs))
+        return [1.0] * epochs
 
     def fake_detect(detector, images, *, min_score, max_boxes):  # type: ignore[no-untyped-def]
         box = [0.0, 0.0, 64.0, 64.0] if seeds.get(id(detector)) == 1 else [0.0, 0.0, 2.0, 2.0]
         return [(np.array([box], np.float32), np.ones(1)) for _ in range(len(images))]
 
-    monkeypatch.setattr(st, "train_detector", fake_train)
+    monkeypatch.setattr(st.DetectorTrainer, "run", fake_run)
     monkeypatch.setattr(st, "detect", fake_detect)
     config = st.SelfTrainConfig(epochs=1, min_probability=0.0, candidates=3, device="cpu")
     chosen = st.self_train(teacher, cache.root, tmp_path / "c.pt", config)
+    assert runs == [(0, 1), (1, 1), (2, 1), (1, 0)]  # compared fully trained: nothing after
     assert chosen.selection is not None
     assert [c["seed"] for c in chosen.selection["candidates"]] == [0, 1, 2]
     assert chosen.selection["selected_seed"] == 1
@@ -377,15 +381,58 @@ def test_candidates_keep_the_seed_whose_boxes_keep_the_cam_area(
     plain = st.self_train(teacher, cache.root, tmp_path / "p.pt", replace(config, candidates=1))
     assert plain.selection is None
     assert load_checkpoint(tmp_path / "p.pt")["detector"]["config"]["seed"] == 0
+    # Compared after 1 of 3 epochs: only the kept seed trains on, for the 2 left.
+    runs.clear()
+    early = replace(config, epochs=3, candidate_epochs=1)
+    picked = st.self_train(teacher, cache.root, tmp_path / "e.pt", early)
+    assert picked.selection is not None and picked.selection["after_epochs"] == 1
+    assert runs == [(0, 1), (1, 1), (2, 1), (1, 2)]
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match="candidate_epochs"):
+            replace(early, candidate_epochs=bad).validate()
+    with pytest.raises(ConfigError, match="needs candidates > 1"):
+        replace(early, candidates=1).validate()
 
-    monkeypatch.setattr(st, "train_detector", real_train)
+    monkeypatch.setattr(st.DetectorTrainer, "run", real_run)
     monkeypatch.setattr(st, "detect", real_detect)
     out = tmp_path / "st.pt"
     argv = ["selftrain", str(teacher), "--data", str(cache.root), "--out", str(out)]
     argv += ["--epochs", "1", "--min-probability", "0", "--device", "cpu", "--seed", "3"]
-    assert main([*argv, "--candidates", "2"]) == 0
+    assert main([*argv, "--candidates", "2", "--candidate-epochs", "1"]) == 0
     selection = load_checkpoint(out)["detector"]["selection"]
+    assert selection["after_epochs"] == 1
     assert [c["seed"] for c in selection["candidates"]] == [3, 4]
     assert selection["selected_seed"] in (3, 4) and selection["n_images"] > 0
     assert main([*argv, "--candidates", "2", "--rounds", "2"]) == 2  # refused: rounds 1 only
     assert main([*argv, "--candidates", "0"]) == 2
+
+
+def test_training_resumed_after_some_epochs_equals_training_in_one_go() -> None:
+    """DetectorTrainer.run(1) then run(2) leaves the same weights and losses as 3 epochs at
+    once (optimiser, schedule and data order carry on), what --candidate-epochs relies on; a
+    fresh trainer for the last 2 epochs (schedule restarted) does not."""
+    images, labels, truth = opacity_images(16, seed=0)
+    boxes = [ScoredBoxes(np.array([[*t[:2], *(t[2:] - t[:2])]]), np.ones(1)) for t in truth]
+    config = SelfTrainConfig(epochs=3, batch_size=8, lr=2e-3, fpn_channels=32, seed=0)
+    pseudo = make_pseudo_labels(
+        labels, np.where(labels == 1, 0.9, 0.1), boxes, threshold=0.5, config=config
+    )
+    cpu = torch.device("cpu")
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_detector(S, fpn_channels=32)
+
+    whole = fresh()
+    once = train_detector(whole, images, pseudo, config, device=cpu)
+    split = fresh()
+    trainer = DetectorTrainer(split, images, pseudo, config, device=cpu)
+    assert len(trainer.run(1)) == 1
+    assert trainer.run(2) == once
+    assert trainer.run(5) == once  # no epoch past config.epochs
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, split.state_dict()[key]), key
+    restarted = fresh()
+    DetectorTrainer(restarted, images, pseudo, config, device=cpu).run(1)
+    DetectorTrainer(restarted, images, pseudo, replace(config, epochs=2), device=cpu).run(2)
+    assert any(not torch.equal(v, restarted.state_dict()[k]) for k, v in whole.state_dict().items())

@@ -439,6 +439,13 @@ def _add_selftrain_parser(sub: Subparsers) -> None:
         "the largest share of the CAM box area on the validation images the classifier flags "
         "(no label or box of them is read); needs --rounds 1",
     )
+    p.add_argument(
+        "--candidate-epochs",
+        type=int,
+        default=None,
+        help="with --candidates: compare the candidates after this many epochs and train only "
+        "the kept one on (default: compare them fully trained)",
+    )
     _add_device_option(p)
     p.set_defaults(handler=_cmd_selftrain)
 
@@ -456,6 +463,7 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
         detector_backbone=args.detector_backbone,
         seed=args.seed,
         candidates=args.candidates,
+        candidate_epochs=args.candidate_epochs,
         device=args.device,
     )
     result = self_train(args.checkpoint, args.data, args.out, config, unlabelled=args.unlabelled)
@@ -471,7 +479,10 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
                 f"median IoU {tried['iou_median']} ({tried['n_with_detection']} of "
                 f"{tried['n_images']} flagged validation images with a box)"
             )
-        print(f"kept seed {result.selection['selected_seed']}")
+        print(
+            f"kept seed {result.selection['selected_seed']} (compared after "
+            f"{result.selection['after_epochs']} epochs)"
+        )
     print(f"checkpoint (classifier + detector): {result.checkpoint}")
     return 0
 

@@ -88,6 +88,11 @@ class SelfTrainConfig:
             one whose top boxes keep the largest median share of the teacher's CAM box area on
             the validation images the teacher flags is kept (labels and boxes of those images
             are not read). 1 (default): train ``seed`` only. Needs ``rounds`` 1.
+        candidate_epochs: With ``candidates`` > 1, compare the candidates after this many
+            epochs and train only the kept one on to ``epochs`` (its optimiser and schedule
+            carry on: the same detector as training it in one go). None: compare fully
+            trained candidates. (A seed's fate is set within two epochs: docs/localisation.md
+            round 3i.)
         device: "auto", "cpu" or "cuda".
     """
 
@@ -105,6 +110,7 @@ class SelfTrainConfig:
     init_from_classifier: bool = True
     seed: int = 0
     candidates: int = 1
+    candidate_epochs: int | None = None
     device: str = "auto"
 
     def validate(self) -> None:
@@ -124,6 +130,14 @@ class SelfTrainConfig:
             (
                 self.candidates == 1 or self.rounds == 1,
                 "candidates > 1 needs rounds 1 (a seed is chosen once, after round 1)",
+            ),
+            (
+                self.candidate_epochs is None or 1 <= self.candidate_epochs <= self.epochs,
+                "candidate_epochs must be between 1 and epochs",
+            ),
+            (
+                self.candidate_epochs is None or self.candidates > 1,
+                "candidate_epochs needs candidates > 1",
             ),
             (self.max_boxes >= 1, "max_boxes must be >= 1"),
             (
@@ -192,6 +206,85 @@ def make_pseudo_labels(
     return PseudoLabels(rows=rows, boxes=boxes, n_positive=len(positives))
 
 
+class DetectorTrainer:
+    """The detector's training, resumable: :meth:`run` trains some epochs and keeps the
+    optimiser, the cosine schedule (over ``config.epochs``) and the data-order generator, so
+    ``run(2)`` then ``run(config.epochs - 2)`` trains exactly as ``run(config.epochs)``.
+
+    Images get a random horizontal flip (pneumonia appears in either lung; the boxes follow).
+
+    Raises:
+        DataError: No pseudo-boxed image.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        images: np.ndarray,
+        pseudo: PseudoLabels,
+        config: SelfTrainConfig,
+        *,
+        device: torch.device,
+    ) -> None:
+        if pseudo.n_positive == 0:
+            raise DataError(
+                "self-training: no confident positive training image gave a CAM box "
+                f"(probability >= {config.min_probability}); nothing to learn boxes from"
+            )
+        self.detector, self.images, self.pseudo, self.config = detector, images, pseudo, config
+        self.device = device
+        detector.to(device).train()
+        self.optimizer = torch.optim.AdamW(detector.parameters(), lr=config.lr, weight_decay=1e-4)
+        steps_per_epoch = math.ceil(len(pseudo.rows) / config.batch_size)
+        total = steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.history: list[float] = []
+
+    def run(self, epochs: int) -> list[float]:
+        """Train ``epochs`` more epochs (at most up to ``config.epochs``); returns the mean
+        loss of every epoch so far. The detector is left in eval mode."""
+        detector, pseudo, config, device = self.detector, self.pseudo, self.config, self.device
+        size = self.images.shape[-1]
+        detector.train()
+        for _ in range(min(epochs, config.epochs - len(self.history))):
+            order = torch.randperm(len(pseudo.rows), generator=self.generator).tolist()
+            losses = []
+            for start in range(0, len(order), config.batch_size):
+                idx = order[start : start + config.batch_size]
+                batch = torch.as_tensor(self.images[pseudo.rows[idx]]).to(device)
+                flips = torch.rand(len(idx), generator=self.generator) < 0.5
+                targets = []
+                for j, k in enumerate(idx):
+                    boxes = torch.as_tensor(pseudo.boxes[k], dtype=torch.float32).reshape(-1, 4)
+                    if flips[j]:
+                        boxes = torch.stack(
+                            [size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]],
+                            dim=1,
+                        )
+                    targets.append(
+                        {
+                            "boxes": boxes.to(device),
+                            "labels": torch.ones(len(boxes), dtype=torch.int64, device=device),
+                        }
+                    )
+                batch = torch.where(flips.to(device)[:, None, None], batch.flip(-1), batch)
+                loss_dict = detector(detector_input(batch), targets)
+                loss = sum(loss_dict.values())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[union-attr]
+                torch.nn.utils.clip_grad_norm_(detector.parameters(), 10.0)
+                self.optimizer.step()
+                self.scheduler.step()
+                losses.append(float(loss.detach()))  # type: ignore[union-attr]
+            self.history.append(float(np.mean(losses)))
+            logger.info("self-training epoch %d: loss %.4f", len(self.history), self.history[-1])
+        detector.eval()
+        return list(self.history)
+
+
 def train_detector(
     detector: nn.Module,
     images: np.ndarray,
@@ -200,58 +293,9 @@ def train_detector(
     *,
     device: torch.device,
 ) -> list[float]:
-    """Train the detector on pseudo-labels; returns the mean loss of each epoch.
-
-    Images get a random horizontal flip (pneumonia appears in either lung; the boxes follow).
-    """
-    if pseudo.n_positive == 0:
-        raise DataError(
-            "self-training: no confident positive training image gave a CAM box "
-            f"(probability >= {config.min_probability}); nothing to learn boxes from"
-        )
-    detector.to(device).train()
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(pseudo.rows) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    size = images.shape[-1]
-    history = []
-    for _ in range(config.epochs):
-        order = torch.randperm(len(pseudo.rows), generator=generator).tolist()
-        losses = []
-        for start in range(0, len(order), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            batch = torch.as_tensor(images[pseudo.rows[idx]]).to(device)
-            flips = torch.rand(len(idx), generator=generator) < 0.5
-            targets = []
-            for j, k in enumerate(idx):
-                boxes = torch.as_tensor(pseudo.boxes[k], dtype=torch.float32).reshape(-1, 4)
-                if flips[j]:
-                    boxes = torch.stack(
-                        [size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1
-                    )
-                targets.append(
-                    {
-                        "boxes": boxes.to(device),
-                        "labels": torch.ones(len(boxes), dtype=torch.int64, device=device),
-                    }
-                )
-            batch = torch.where(flips.to(device)[:, None, None], batch.flip(-1), batch)
-            loss_dict = detector(detector_input(batch), targets)
-            loss = sum(loss_dict.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            torch.nn.utils.clip_grad_norm_(detector.parameters(), 10.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))  # type: ignore[union-attr]
-        history.append(float(np.mean(losses)))
-        logger.info("self-training epoch %d: loss %.4f", len(history), history[-1])
-    detector.eval()
-    return history
+    """Train the detector on pseudo-labels for ``config.epochs``; returns the mean loss of
+    each epoch (:class:`DetectorTrainer` in one go)."""
+    return DetectorTrainer(detector, images, pseudo, config, device=device).run(config.epochs)
 
 
 @dataclass
@@ -492,14 +536,16 @@ def _choose_seed(
         )
     reference = [xywh_to_xyxy(teacher[i].boxes.boxes) for i in flagged]
     tried: list[dict[str, Any]] = []
-    best: tuple[float, nn.Module, SelfTrainConfig, list[float]] | None = None
+    best: tuple[float, DetectorTrainer, SelfTrainConfig] | None = None
+    compare_after = config.candidate_epochs or config.epochs
     for k in range(config.candidates):
         seeded = replace(config, seed=config.seed + k)
         detector = first if k == 0 else new_detector(seeded.seed)[0]
         pseudo = make_pseudo_labels(
             labels, probs, cam, threshold=predictor.threshold, config=seeded
         )
-        history = train_detector(detector, images, pseudo, seeded, device=device)
+        trainer = DetectorTrainer(detector, images, pseudo, seeded, device=device)
+        trainer.run(compare_after)
         found = detect(
             detector, held[flagged], min_score=config.min_score, max_boxes=config.max_boxes
         )
@@ -515,21 +561,28 @@ def _choose_seed(
             agreement.n_images,
         )
         if best is None or agreement.score > best[0]:
-            best = (agreement.score, detector, seeded, history)
+            best = (agreement.score, trainer, seeded)
         else:
-            del detector
+            del trainer, detector
     assert best is not None
-    _, detector, chosen, history = best
+    _, trainer, chosen = best
+    history = trainer.run(config.epochs - compare_after)  # nothing left when compared fully
     record = {
         "rule": (
             "highest median area ratio of the detector's top box to the teacher's largest CAM "
             "box, on the validation images the teacher flags (no label or box read)"
         ),
         "images": "val",
+        "after_epochs": compare_after,
         "n_images": len(flagged),
         "candidates": tried,
         "selected_seed": chosen.seed,
         "losses": history,
     }
-    logger.info("kept seed %d of %d candidates", chosen.seed, config.candidates)
-    return detector, chosen, record
+    logger.info(
+        "kept seed %d of %d candidates (compared after %d epochs)",
+        chosen.seed,
+        config.candidates,
+        compare_after,
+    )
+    return trainer.detector, chosen, record
