@@ -26,9 +26,7 @@ import numpy as np
 def main() -> None:
     from pneumoloc.data.cache import open_cache
     from pneumoloc.inference import Predictor
-    from pneumoloc.localise.agreement import box_agreement
-    from pneumoloc.localise.geometry import xywh_to_xyxy
-    from pneumoloc.models.detector import detect
+    from pneumoloc.selftrain import agreement_reference, detector_agreement
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -39,19 +37,15 @@ def main() -> None:
     args = parser.parse_args()
     cache = open_cache(args.data)
     images = np.asarray(cache.images[cache.split.part(args.split)])
-    size = images.shape[-1]
     base = Predictor.from_checkpoint(args.reference, device="cpu")
-    preds = base.predict_arrays(images, [(size, size)] * len(images))
-    flagged = [i for i, p in enumerate(preds) if p.positive and len(p.boxes.boxes)]
+    flagged, reference = agreement_reference(base, images)
     results = {}
     for item in args.checkpoints:
         name, _, path = item.partition("=")
         detector = Predictor.from_checkpoint(path, device="cpu").detector
         if detector is None:
             raise SystemExit(f"{path}: no self-trained detector in this checkpoint")
-        found = detect(detector, images[flagged], min_score=0.05, max_boxes=2)
-        reference = [xywh_to_xyxy(preds[k].boxes.boxes) for k in flagged]
-        agreement = box_agreement([boxes for boxes, _ in found], reference)
+        agreement = detector_agreement(detector, images[flagged], reference)
         results[name] = {
             "checkpoint": path,
             "split": args.split,

@@ -30,10 +30,14 @@ import torch
 def main() -> None:
     from pneumoloc.data.cache import open_cache
     from pneumoloc.inference import Predictor
-    from pneumoloc.localise.agreement import box_agreement
-    from pneumoloc.localise.geometry import xywh_to_xyxy
-    from pneumoloc.models.detector import build_detector, detect
-    from pneumoloc.selftrain import SelfTrainConfig, make_pseudo_labels, train_detector
+    from pneumoloc.models.detector import build_detector
+    from pneumoloc.selftrain import (
+        SelfTrainConfig,
+        agreement_reference,
+        detector_agreement,
+        make_pseudo_labels,
+        train_detector,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -53,9 +57,7 @@ def main() -> None:
     probs = np.array([p.probability for p in preds])
     cam = [p.boxes for p in preds]
     held = np.asarray(cache.images[cache.split.part("val")])
-    held_preds = teacher.predict_arrays(held, [(size, size)] * len(held))
-    flagged = [i for i, p in enumerate(held_preds) if p.positive and len(p.boxes)]
-    reference = [xywh_to_xyxy(held_preds[i].boxes.boxes) for i in flagged]
+    flagged, reference = agreement_reference(teacher, held)
     base = SelfTrainConfig(epochs=args.epochs, device="cpu")
     results = {"epochs": args.epochs, "seeds": args.seeds, "runs": []}
     for init, negatives, order in itertools.product(args.seeds, repeat=3):
@@ -70,8 +72,7 @@ def main() -> None:
         )
         run = {"init": init, "negatives": negatives, "order": order, "losses": losses}
         if args.agreement:
-            found = detect(detector, held[flagged], min_score=0.05, max_boxes=2)
-            run["agreement"] = box_agreement([b for b, _ in found], reference).to_dict()
+            run["agreement"] = detector_agreement(detector, held[flagged], reference).to_dict()
         run["seconds"] = time.perf_counter() - started
         results["runs"].append(run)
         print(json.dumps(run), flush=True)

@@ -37,7 +37,7 @@ from torch import nn
 
 from pneumoloc._runtime import resolve_device
 from pneumoloc.errors import ConfigError, DataError
-from pneumoloc.localise.agreement import box_agreement
+from pneumoloc.localise.agreement import BoxAgreement, box_agreement
 from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
 from pneumoloc.localise.geometry import xywh_to_xyxy
 from pneumoloc.models.detector import (
@@ -434,10 +434,9 @@ def self_train(
     drawn = cam
     selection: dict[str, Any] | None = None
     if config.candidates > 1:
-        detector, config, selection = _choose_seed(
+        detector, config, selection, chosen_losses = _choose_seed(
             new_detector, detector, images, labels, probs, cam, cache, predictor, config, device
         )
-        chosen_losses = selection.pop("losses")
     payload = load_checkpoint(checkpoint)
     out_path = Path(out)
     written: list[Path] = []
@@ -501,6 +500,31 @@ def self_train(
     )
 
 
+def agreement_reference(predictor: Any, images: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+    """What a detector's boxes are compared with, label-free: the indices of ``images`` (uint8,
+    at the predictor's size) that the teacher flags and boxes, and its boxes there (xyxy,
+    input pixels)."""
+    size = images.shape[-1]
+    teacher = predictor.predict_arrays(images, [(size, size)] * len(images))
+    flagged = [i for i, p in enumerate(teacher) if p.positive and len(p.boxes)]
+    return flagged, [xywh_to_xyxy(teacher[i].boxes.boxes) for i in flagged]
+
+
+def detector_agreement(
+    detector: nn.Module,
+    images: np.ndarray,
+    reference: Sequence[np.ndarray],
+    *,
+    min_score: float = DETECTOR_MIN_SCORE,
+    max_boxes: int = DETECTOR_MAX_BOXES,
+) -> BoxAgreement:
+    """:func:`~pneumoloc.localise.agreement.box_agreement` of the detector's boxes on
+    ``images`` with ``reference`` (one xyxy array per image, e.g. from
+    :func:`agreement_reference`)."""
+    found = detect(detector, images, min_score=min_score, max_boxes=max_boxes)
+    return box_agreement([boxes for boxes, _ in found], reference)
+
+
 def _choose_seed(
     new_detector: Any,
     first: nn.Module,
@@ -512,13 +536,13 @@ def _choose_seed(
     predictor: Any,
     config: SelfTrainConfig,
     device: torch.device,
-) -> tuple[nn.Module, SelfTrainConfig, dict[str, Any]]:
+) -> tuple[nn.Module, SelfTrainConfig, dict[str, Any], list[float]]:
     """Train ``config.candidates`` detectors (seeds ``config.seed`` up) and keep the one whose
     top boxes agree best with the teacher's CAM boxes on the validation images it flags.
 
     Only the validation images' pixels are read (the teacher's predictions on them); their
-    labels and boxes are not. Returns the kept detector, the config with its seed, and the
-    selection record (with the kept detector's losses under ``"losses"``, popped by the caller).
+    labels and boxes are not. Returns the kept detector, the config with its seed, the
+    selection record and the kept detector's losses per epoch.
     """
     rows = cache.split.part("val")
     if not len(rows):
@@ -526,15 +550,12 @@ def _choose_seed(
             f"{cache.root}: no validation image to choose among {config.candidates} detector seeds"
         )
     held = np.asarray(cache.images[rows])
-    size = held.shape[-1]
-    teacher = predictor.predict_arrays(held, [(size, size)] * len(held))
-    flagged = [i for i, p in enumerate(teacher) if p.positive and len(p.boxes)]
+    flagged, reference = agreement_reference(predictor, held)
     if not flagged:
         raise DataError(
             f"{cache.root}: the classifier flags no validation image with a box; "
             "nothing to compare the detector seeds with"
         )
-    reference = [xywh_to_xyxy(teacher[i].boxes.boxes) for i in flagged]
     tried: list[dict[str, Any]] = []
     best: tuple[float, DetectorTrainer, SelfTrainConfig] | None = None
     compare_after = config.candidate_epochs or config.epochs
@@ -546,10 +567,13 @@ def _choose_seed(
         )
         trainer = DetectorTrainer(detector, images, pseudo, seeded, device=device)
         trainer.run(compare_after)
-        found = detect(
-            detector, held[flagged], min_score=config.min_score, max_boxes=config.max_boxes
+        agreement = detector_agreement(
+            detector,
+            held[flagged],
+            reference,
+            min_score=config.min_score,
+            max_boxes=config.max_boxes,
         )
-        agreement = box_agreement([boxes for boxes, _ in found], reference)
         tried.append({"seed": seeded.seed, **agreement.to_dict()})
         logger.info(
             "candidate seed %d: median area ratio %s, median IoU %s (%d of %d flagged "
@@ -577,7 +601,6 @@ def _choose_seed(
         "n_images": len(flagged),
         "candidates": tried,
         "selected_seed": chosen.seed,
-        "losses": history,
     }
     logger.info(
         "kept seed %d of %d candidates (compared after %d epochs)",
@@ -585,4 +608,4 @@ def _choose_seed(
         config.candidates,
         compare_after,
     )
-    return trainer.detector, chosen, record
+    return trainer.detector, chosen, record, history

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pneumoloc.localise.geometry import as_boxes, iou_matrix
+from pneumoloc.metrics.localisation import point_in_boxes
 
 __all__ = [
     "anatomy_comparison",
@@ -106,14 +107,7 @@ def top_box_pointing(boxes: Sequence[Any], gts: Sequence[Any]) -> float | None:
             hits.append(False)
             continue
         x, y, w, h = pred[int(np.argmax(np.asarray(scored.scores, np.float64)))]
-        cx, cy = x + w / 2, y + h / 2
-        inside = (
-            (cx >= truth[:, 0])
-            & (cx <= truth[:, 0] + truth[:, 2])
-            & (cy >= truth[:, 1])
-            & (cy <= truth[:, 1] + truth[:, 3])
-        )
-        hits.append(bool(inside.any()))
+        hits.append(point_in_boxes(x + w / 2, y + h / 2, truth))
     return float(np.mean(hits)) if hits else None
 
 

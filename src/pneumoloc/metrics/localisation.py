@@ -190,16 +190,21 @@ def pointing_game(
         hm = _check_heatmap(heatmap, i)
         r, c = np.unravel_index(int(np.argmax(hm)), hm.shape)
         sy, sx = _scale(hm.shape, shapes[i] if shapes else None)
-        px, py = (c + 0.5) * sx, (r + 0.5) * sy
-        tol = float(tolerance_px)
-        inside = (
-            (px >= boxes[:, 0] - tol)
-            & (px <= boxes[:, 0] + boxes[:, 2] + tol)
-            & (py >= boxes[:, 1] - tol)
-            & (py <= boxes[:, 1] + boxes[:, 3] + tol)
-        )
-        hits.append(bool(inside.any()))
+        hits.append(point_in_boxes((c + 0.5) * sx, (r + 0.5) * sy, boxes, float(tolerance_px)))
     return float(np.mean(hits)) if hits else math.nan
+
+
+def point_in_boxes(x: float, y: float, boxes: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Whether the point ``(x, y)`` lies in one of the ``(N, 4)`` xywh ``boxes``, each grown
+    by ``tolerance`` on every side (edges count as inside)."""
+    return bool(
+        (
+            (x >= boxes[:, 0] - tolerance)
+            & (x <= boxes[:, 0] + boxes[:, 2] + tolerance)
+            & (y >= boxes[:, 1] - tolerance)
+            & (y <= boxes[:, 1] + boxes[:, 3] + tolerance)
+        ).any()
+    )
 
 
 def component_boxes(
