@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # The shipped model's ONNX twin: `predict`, `serve` and `listen` run it with ONNX Runtime on a
 # CPU (no torch import; docs/benchmarks.md). Made from weights/default.pt, never committed.
+# A default holding a self-trained detector also gets default.detector.onnx beside it.
 ONNX := src/pneumoloc/weights/default.onnx
 LINT_PATHS := src tests benchmarks tools
 
@@ -37,4 +38,4 @@ test: lint $(ONNX)
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache $(ONNX)
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache $(ONNX) $(ONNX:.onnx=.detector.onnx)

@@ -1,13 +1,15 @@
-"""A self-trained detector run by PyTorch and by onnxruntime: same boxes? how fast?
+"""A model with a self-trained detector, run by PyTorch and by ONNX Runtime: same boxes? how fast?
 
-Round 3i (docs/localisation.md): a detector default would lose the ONNX path of ``predict``
-(the exported graph holds the classifier only). This measures the way out: torchvision's FCOS
-exported with the TorchScript-based exporter (batch 1, fixed size), onnxruntime's boxes and
-scores against PyTorch's on real cached films, and the time per film of each, one film at a
-time (as ``predict`` runs), after a warm-up.
+Round 3j (docs/localisation.md): ``pneumoloc export`` writes the detector's own graph beside
+the model (``NAME.detector.onnx``) and the ONNX backend runs it on the images that get boxes.
+This exports a checkpoint (in a temporary folder), then on real cached films compares every
+image's probability and boxes (original pixels, as ``predict`` writes them) between the two
+backends, and times ``predict_arrays`` per film for: PyTorch with the detector, ONNX Runtime
+with it, and ONNX Runtime without it (the box rule: what the ONNX path ran before), after a
+warm-up, one process, ``--threads`` threads for both runtimes.
 
-    PYTHONPATH=src python benchmarks/bench_detector_onnx.py --checkpoint ST.pt \\
-        --data CACHE192 [--n 32] [--threads 2]
+    PYTHONPATH=src python benchmarks/bench_detector_onnx.py --checkpoint MODEL.pt \\
+        --data CACHE192 [--split val] [--n 96] [--threads 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -16,86 +18,91 @@ import argparse
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 
-class _Single(torch.nn.Module):
-    """One (1, 3, H, W) float image in, boxes (N, 4) xyxy and scores (N,) out."""
-
-    def __init__(self, detector: torch.nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.detector([image[0]])[0]
-        return out["boxes"], out["scores"]
+def _timed(predictor: Any, films: np.ndarray, shapes: list, repeats: int) -> tuple[list, float]:
+    predictor.predict_arrays(films[:8], shapes[:8])  # warm-up
+    best = float("inf")
+    preds: list = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        preds = predictor.predict_arrays(films, shapes)
+        best = min(best, time.perf_counter() - started)
+    return preds, 1000 * best / len(films)
 
 
 def main() -> None:
-    import onnxruntime as ort
+    import torch
 
     from pneumoloc.data.cache import open_cache
-    from pneumoloc.models.checkpoint import load_checkpoint
-    from pneumoloc.models.detector import detector_input, load_detector
+    from pneumoloc.export import export_onnx
+    from pneumoloc.inference import Predictor
+    from pneumoloc.inference.onnx_backend import OnnxPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    wrapped = _Single(load_detector(load_checkpoint(args.checkpoint)["detector"])).eval()
     cache = open_cache(args.data)
-    films = np.asarray(cache.images[cache.split.part("val")[: args.n]])
-    inputs = [torch.stack(detector_input(torch.from_numpy(f[None]))) for f in films]
+    rows = np.sort(cache.split.part(args.split))[: args.n]
+    films = np.asarray(cache.images[rows])
+    shapes = [(int(h), int(w)) for h, w in np.asarray(cache.original_shapes[rows])]
+    settings = {"batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "detector.onnx"
         started = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapped, (inputs[0],), str(path), opset_version=17, dynamo=False)
+        exported = export_onnx(args.checkpoint, Path(tmp) / "model.onnx")
         export_s = time.perf_counter() - started
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        size_mb = path.stat().st_size / 1e6
-
-        def run_ort(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            boxes, scores = session.run(None, {name: x.numpy()})
-            return boxes, scores
-
-        def run_torch(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            with torch.no_grad():
-                boxes, scores = wrapped(x)
-            return boxes.numpy(), scores.numpy()
-
-        diffs = []
-        for x in inputs:
-            (bo, so), (bt, st) = run_ort(x), run_torch(x)
-            k = min(2, len(so), len(st))  # what predict keeps: the top two
-            diffs.append(float(np.abs(bo[:k] - bt[:k]).max(initial=0.0)))
-            diffs.append(float(np.abs(so[:k] - st[:k]).max(initial=0.0) * 1000))
-        timings = {}
-        for label, fn in (("pytorch", run_torch), ("onnxruntime", run_ort)):
-            for x in inputs[:3]:
-                fn(x)
-            started = time.perf_counter()
-            for x in inputs:
-                fn(x)
-            timings[label] = 1000 * (time.perf_counter() - started) / len(inputs)
+        assert exported.detector_path is not None, "the checkpoint holds no detector"
+        sizes = {p.name: round(p.stat().st_size / 1e6, 1) for p in Path(tmp).glob("*.onnx")}
+        ort_det = OnnxPredictor.from_onnx(exported.path, threads=args.threads, **settings)
+        ort_rule = OnnxPredictor.from_onnx(
+            exported.path, threads=args.threads, use_detector=False, **settings
+        )
+        pt_det = Predictor.from_checkpoint(args.checkpoint, device="cpu", **settings)
+        p_pt, ms_pt = _timed(pt_det, films, shapes, args.repeats)
+        p_ort, ms_ort = _timed(ort_det, films, shapes, args.repeats)
+        _, ms_rule = _timed(ort_rule, films, shapes, args.repeats)
+    box_px, score, n_boxes, mismatched, decisions = 0.0, 0.0, 0, 0, 0
+    for a, b in zip(p_pt, p_ort, strict=True):
+        decisions += int(a.positive != b.positive)
+        if a.boxes.boxes.shape != b.boxes.boxes.shape:
+            mismatched += 1
+            continue
+        n_boxes += len(a.boxes.boxes)
+        if len(a.boxes.boxes):
+            box_px = max(box_px, float(np.abs(a.boxes.boxes - b.boxes.boxes).max()))
+            score = max(score, float(np.abs(a.boxes.scores - b.boxes.scores).max()))
+    prob = max(abs(a.probability - b.probability) for a, b in zip(p_pt, p_ort, strict=True))
     result = {
-        "films": len(inputs),
+        "checkpoint": args.checkpoint.name,
+        "films": len(films),
+        "split": args.split,
+        "positive": int(sum(p.positive for p in p_ort)),
+        "boxes": n_boxes,
         "threads": args.threads,
+        "batch_size": args.batch_size,
         "export_s": round(export_s, 1),
-        "onnx_mb": round(size_mb, 1),
-        "max_abs_diff_top2_boxes_px_or_scores_x1000": max(diffs),
-        "ms_per_film": {k: round(v, 1) for k, v in timings.items()},
+        "onnx_mb": sizes,
+        "max_abs_diff_probability": prob,
+        "decisions_changed": decisions,
+        "images_with_another_box_count": mismatched,
+        "max_abs_diff_box_px_original": box_px,
+        "max_abs_diff_box_score": score,
+        "ms_per_film": {
+            "pytorch_detector": round(ms_pt, 1),
+            "onnxruntime_detector": round(ms_ort, 1),
+            "onnxruntime_box_rule": round(ms_rule, 1),
+        },
     }
     print(json.dumps(result))
 

@@ -1,7 +1,8 @@
 """Turn a trained checkpoint into the shipped default model (src/pneumoloc/weights/default.pt).
 
-Weights are stored in float16, every member's for an ensemble file (half the size, no measurable
-change in the outputs: the model runs in float32 after loading), and the default inference
+Weights are stored in float16, every member's for an ensemble file and a self-trained detector's
+(``pneumoloc selftrain``) too (half the size, no measurable change in the outputs: the model runs
+in float32 after loading), and the default inference
 recipe chosen by the localisation ablation (docs/localisation.md) is written into the checkpoint
 so predict, evaluate, submit and serve use it without flags.
 
@@ -71,7 +72,9 @@ def main() -> None:
             "box_threshold"
         ]
         print(f"box_threshold {payload['box_threshold']:.4f} (F1-optimal on {args.data} val)")
-    for holder in [payload, *payload.get("members", [])]:  # an ensemble: every member
+    detector = payload.get("detector")
+    holders = [payload, *payload.get("members", []), *([detector] if detector else [])]
+    for holder in holders:  # an ensemble: every member; a self-trained detector too
         holder["state_dict"] = {
             k: v.half() if v.is_floating_point() else v for k, v in holder["state_dict"].items()
         }

@@ -950,6 +950,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"max |ONNX Runtime - PyTorch|: probability {result.max_abs_diff_probability:.1e}, "
         f"heatmap {result.max_abs_diff_heatmap:.1e})"
     )
+    if result.detector_path is not None:
+        print(
+            f"wrote {result.detector_path} (its box detector; keep it beside {result.path.name}; "
+            f"max |ONNX Runtime - PyTorch| box corner {result.max_abs_diff_detector_px:.1e} px)"
+        )
     return 0
 
 

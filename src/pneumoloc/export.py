@@ -17,6 +17,14 @@ The graph
   other's heatmap).
 
 The batch axis is dynamic; the spatial size is fixed at the checkpoint's ``image_size``.
+
+A checkpoint with a self-trained box detector (``pneumoloc selftrain``) also gets its detector
+file, ``NAME.detector.onnx`` beside ``NAME.onnx`` (format
+:data:`~pneumoloc.inference.onnx_backend.DETECTOR_FORMAT`): torchvision's FCOS with its
+post-processing (score threshold, top-k, NMS), uint8 ``image`` (1, 1, S, S) in, ``boxes``
+(N, 4) xyxy in input pixels and ``scores`` (N,) out, exported with the TorchScript-based
+exporter (its Python loop over images traces to a fixed batch of one). The model file's
+metadata names it and holds its SHA-256, so the two are opened together or not at all.
 The ONNX file describes itself: its ``metadata_props`` hold the image size, decision
 threshold, model spec, intensity convention, box rule and pneumoloc versions (keys
 ``pneumoloc.*``, see :data:`META_KEYS`), which :class:`OnnxPredictor` reads back.
@@ -29,6 +37,7 @@ through :class:`pneumoloc.inference.base.BasePredictor`; it lives in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +53,10 @@ import numpy as np
 
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference.onnx_backend import (
+    DETECTOR_FORMAT,
+    DETECTOR_INPUT,
+    DETECTOR_OUTPUTS,
+    DETECTOR_SUFFIX,
     FEATURES_NAME,
     GRAPH_REVISION,
     INPUT_NAME,
@@ -98,6 +111,9 @@ class OnnxExportResult:
         max_abs_diff_probability: Largest |ONNX Runtime - PyTorch| probability on the check
             batch (NaN when the check was skipped).
         max_abs_diff_heatmap: Same for the heatmaps.
+        detector_path: The detector file written beside it (None: the checkpoint has none).
+        max_abs_diff_detector_px: Largest |ONNX Runtime - PyTorch| corner of the detector's
+            kept boxes on the check images, in input pixels (NaN: none, or unchecked).
     """
 
     path: Path
@@ -105,6 +121,8 @@ class OnnxExportResult:
     exporter: str
     max_abs_diff_probability: float = math.nan
     max_abs_diff_heatmap: float = math.nan
+    detector_path: Path | None = None
+    max_abs_diff_detector_px: float = math.nan
 
 
 def _cam_graph(
@@ -169,13 +187,161 @@ def _cam_graph(
     return (CamGraph() if len(models) == 1 else EnsembleCamGraph()).eval()
 
 
+def _detector_graph(detector: Any) -> Any:
+    """The exported detector: one uint8 image (1, 1, S, S) -> boxes (N, 4), scores (N,), as
+    :func:`pneumoloc.models.detector.detect` runs it (same scaling as ``detector_input``)."""
+    import torch
+
+    class DetectorGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.detector = detector
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = image[0].float().div(255.0).expand(3, -1, -1)
+            out = self.detector([x])[0]
+            return out["boxes"], out["scores"]
+
+    return DetectorGraph().eval()
+
+
+def detector_entry(entry: dict[str, Any], file: Path) -> dict[str, Any]:
+    """What the model file's metadata says of its detector file (no weights, no local path)."""
+    from pneumoloc.inference.onnx_backend import file_sha256
+
+    return {
+        "file": file.name,
+        "sha256": file_sha256(file),
+        "kind": entry.get("kind"),
+        "image_size": int(entry["image_size"]),
+        "config": {
+            k: v
+            for k, v in (entry.get("config") or {}).items()
+            if k in ("min_score", "max_boxes", "rounds", "detector_backbone", "epochs")
+        },
+    }
+
+
+def _export_detector(
+    entry: dict[str, Any], out: Path, opset: int, checkpoint_sha256: str, check: bool
+) -> float:
+    """Write the detector file ``out`` from a checkpoint's ``"detector"`` entry; returns the
+    largest box-corner difference of ONNX Runtime against PyTorch on the check images (NaN
+    unchecked).
+
+    Raises:
+        CheckpointError: The detector cannot be rebuilt, or ONNX Runtime disagrees.
+    """
+    import onnx
+    import torch
+
+    from pneumoloc import DISCLAIMER, __version__
+    from pneumoloc.models.detector import load_detector
+
+    graph = _detector_graph(load_detector(entry, "cpu"))
+    size = int(entry["image_size"])
+    example = torch.from_numpy(_check_images(size, 1))
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings(), _quiet_exporter_logs():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(tmp),
+            input_names=[DETECTOR_INPUT],
+            output_names=list(DETECTOR_OUTPUTS),
+            opset_version=opset,
+            dynamo=False,
+        )
+    proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
+    props = {
+        META_KEYS["format"]: DETECTOR_FORMAT,
+        META_KEYS["image_size"]: str(size),
+        META_KEYS["input"]: (
+            f"{DETECTOR_INPUT}: uint8 (1, 1, {size}, {size}) raw grayscale pixels 0..255, "
+            "one image; scaled inside the graph"
+        ),
+        META_KEYS["exported_by"]: f"pneumoloc {__version__}",
+        META_KEYS["checkpoint_sha256"]: checkpoint_sha256,
+        "pneumoloc.detector_kind": str(entry.get("kind")),
+        "disclaimer": DISCLAIMER,
+    }
+    for key, value in props.items():
+        item = proto.metadata_props.add()
+        item.key, item.value = key, value
+    proto.doc_string = (
+        f"pneumoloc self-trained box detector ({entry.get('kind')}) at {size} px: uint8 image "
+        "-> boxes (xyxy, input pixels), scores"
+    )
+    onnx.save(proto, str(tmp))
+    if check:
+        onnx.checker.check_model(str(tmp))
+    os.replace(tmp, out)
+    if not check:
+        return math.nan
+    return _compare_detector(out, graph, size, entry)
+
+
+def _check_images(size: int, n: int) -> np.ndarray:
+    """``n`` uint8 check images (n, 1, size, size): smooth bright blobs on dark noise, so a
+    detector finds something on them and ties between its boxes are rare."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.empty((n, 1, size, size), np.uint8)
+    for i in range(n):
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(0.05, 0.15) ** 2))
+        noisy = 40 + 160 * blob + rng.normal(0, 8, (size, size))
+        out[i, 0] = np.clip(noisy, 0, 255).astype(np.uint8)
+    return out
+
+
+def _compare_detector(path: Path, graph: Any, size: int, entry: dict[str, Any]) -> float:
+    """Largest |ONNX Runtime - PyTorch| corner (input pixels) of the boxes ``detect`` keeps,
+    on 3 check images; raises when they keep different numbers of boxes or differ by more
+    than half a pixel or 1e-3 in score."""
+    import torch
+
+    from pneumoloc.inference.base import DETECTOR_MAX_BOXES, DETECTOR_MIN_SCORE
+    from pneumoloc.inference.onnx_backend import _open_session
+
+    config = entry.get("config") or {}
+    min_score = float(config.get("min_score", DETECTOR_MIN_SCORE))
+    max_boxes = int(config.get("max_boxes", DETECTOR_MAX_BOXES))
+    session = _open_session(path, 1)
+    worst = 0.0
+    for image in _check_images(size, 3):
+        boxes, scores = session.run(list(DETECTOR_OUTPUTS), {DETECTOR_INPUT: image[None]})
+        with torch.inference_mode():
+            ref_boxes, ref_scores = (t.numpy() for t in graph(torch.from_numpy(image[None])))
+        keep = np.flatnonzero(scores >= min_score)[:max_boxes]
+        ref_keep = np.flatnonzero(ref_scores >= min_score)[:max_boxes]
+        if len(keep) != len(ref_keep) or (
+            len(keep) and float(np.abs(scores[keep] - ref_scores[ref_keep]).max()) > 1e-3
+        ):
+            raise CheckpointError(f"{path}: ONNX Runtime's detector boxes differ from PyTorch's")
+        if len(keep):
+            worst = max(worst, float(np.abs(boxes[keep] - ref_boxes[ref_keep]).max()))
+    if worst > 0.5:
+        raise CheckpointError(
+            f"{path}: ONNX Runtime's detector boxes differ from PyTorch's by {worst:.2f} px"
+        )
+    return worst
+
+
 def _metadata(
-    meta: dict[str, Any], weights_sha256: str = "", checkpoint_sha256: str = ""
+    meta: dict[str, Any],
+    weights_sha256: str = "",
+    checkpoint_sha256: str = "",
+    detector: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     from pneumoloc import DISCLAIMER, __version__
     from pneumoloc.io.preprocess import INTENSITY_CONVENTION
 
     kept = {k: meta[k] for k in _META_FIELDS if k in meta}
+    if detector:
+        kept["detector"] = detector
     # The recipe settings the graph and the backends run (stored recipe, or its defaults).
     kept.update(InferenceRecipe.from_meta(meta).to_meta(ONNX_RECIPE_FIELDS))
     data = meta.get("data") or {}
@@ -265,12 +431,7 @@ def export_onnx(
             meta.get("cam_method"),
             " with TTA" if meta.get("tta") else "",
         )
-    if meta.get("detector"):
-        logger.warning(
-            "%s holds a self-trained box detector; the ONNX file carries the classifier only, "
-            "so its boxes come from the CAM box rule",
-            path,
-        )
+    from pneumoloc.inference.onnx_backend import file_sha256
     from pneumoloc.models.checkpoint import member_roles
 
     recipe = InferenceRecipe.from_meta(meta)
@@ -278,6 +439,16 @@ def export_onnx(
     example = torch.randint(0, 256, (2, 1, size, size), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint_sha256 = file_sha256(path)
+    detector, detector_path, detector_px = None, None, math.nan
+    if isinstance(meta.get("detector"), dict):  # written first: the model file names its hash
+        if int(meta["detector"]["image_size"]) != size:
+            raise CheckpointError(f"{path}: its detector's image size differs from the model's")
+        detector_path = out.with_name(out.name.removesuffix(".onnx") + DETECTOR_SUFFIX)
+        detector_px = _export_detector(
+            meta["detector"], detector_path, opset, checkpoint_sha256, check
+        )
+        detector = detector_entry(meta["detector"], detector_path)
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), _quiet_exporter_logs():
         # The exporters warn about their own internals (deprecations, tracer notes); they are
@@ -314,10 +485,9 @@ def export_onnx(
             )
             proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
-    from pneumoloc.inference.loading import file_sha256
     from pneumoloc.inference.ood import weights_digest
 
-    props = _metadata(meta, weights_digest(models[0].state_dict()), file_sha256(path))
+    props = _metadata(meta, weights_digest(models[0].state_dict()), checkpoint_sha256, detector)
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -329,7 +499,13 @@ def export_onnx(
     if check:
         onnx.checker.check_model(str(tmp))
     os.replace(tmp, out)
-    result = OnnxExportResult(out, opset, "dynamo" if dynamo else "torchscript")
+    result = OnnxExportResult(
+        out,
+        opset,
+        "dynamo" if dynamo else "torchscript",
+        detector_path=detector_path,
+        max_abs_diff_detector_px=detector_px,
+    )
     if not check:
         return result
     dp, dh = _compare(out, graph, size)
@@ -338,7 +514,7 @@ def export_onnx(
             f"{out}: ONNX Runtime disagrees with PyTorch (probability {dp:.2e}, heatmap {dh:.2e})"
         )
     logger.info("exported %s (max |diff|: probability %.1e, heatmap %.1e)", out, dp, dh)
-    return OnnxExportResult(out, opset, result.exporter, dp, dh)
+    return dataclasses.replace(result, max_abs_diff_probability=dp, max_abs_diff_heatmap=dh)
 
 
 @contextmanager
@@ -361,7 +537,9 @@ def _compare(path: Path, graph: Any, size: int) -> tuple[float, float]:
     import torch
 
     images = np.random.default_rng(0).integers(0, 256, (3, 1, size, size), dtype=np.uint8)
-    runner = OnnxPredictor.from_onnx(path, threads=1, lung_mask=False, refine=None)
+    runner = OnnxPredictor.from_onnx(
+        path, threads=1, use_detector=False, lung_mask=False, refine=None
+    )
     probs, maps, _, feats = runner.network_with_features(images)
     with torch.inference_mode():
         p_ref, h_ref, f_ref = graph(torch.from_numpy(images))

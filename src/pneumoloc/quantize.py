@@ -68,6 +68,23 @@ def _images(data: str | Path, size: int, split: str, limit: int) -> np.ndarray:
     return np.asarray(cache.images[np.sort(rows)])[:, None]
 
 
+def _keep_detector_beside(source: Path, out: Path) -> None:
+    """The int8 copy names the same detector file as its source (the detector is not
+    quantised: only the classifier's convolutions are); copy that file beside ``out`` when
+    ``out`` is in another folder, so the copy opens as its source does."""
+    import shutil
+
+    from pneumoloc.inference.onnx_backend import detector_file, read_onnx_metadata
+
+    side = detector_file(source, read_onnx_metadata(source))
+    if side is None:
+        return
+    target = out.parent / side.name
+    if target.resolve() != side.resolve():
+        shutil.copyfile(side, target)
+        logger.info("copied the detector file %s beside %s", side.name, out)
+
+
 def quantize_onnx(
     onnx_path: str | Path,
     out: str | Path,
@@ -104,7 +121,9 @@ def quantize_onnx(
 
     from pneumoloc.inference.onnx_backend import INPUT_NAME, OnnxPredictor
 
-    source = OnnxPredictor.from_onnx(onnx_path, threads=None, lung_mask=False, refine=None)
+    source = OnnxPredictor.from_onnx(
+        onnx_path, threads=None, use_detector=False, lung_mask=False, refine=None
+    )
     size = source.image_size
     calibration = _images(data, size, "train", n_calibration)
     held_out = _images(data, size, "val", n_parity)
@@ -142,7 +161,9 @@ def quantize_onnx(
         )
     finally:
         pre.unlink(missing_ok=True)
-    int8 = OnnxPredictor.from_onnx(tmp, threads=None, lung_mask=False, refine=None)
+    int8 = OnnxPredictor.from_onnx(
+        tmp, threads=None, use_detector=False, lung_mask=False, refine=None
+    )
     source.batch_size = int8.batch_size = batch_size
     p32, h32, _ = source.network(held_out[:, 0])
     p8, h8, _ = int8.network(held_out[:, 0])
@@ -170,6 +191,7 @@ def quantize_onnx(
     entry = proto.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(facts, sort_keys=True)
     onnx.save(proto, str(tmp))
+    _keep_detector_beside(Path(onnx_path), out)
     os.replace(tmp, out)
     logger.info("wrote %s: %s", out, facts)
     return result

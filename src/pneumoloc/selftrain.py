@@ -37,13 +37,12 @@ from torch import nn
 
 from pneumoloc._runtime import resolve_device
 from pneumoloc.errors import ConfigError, DataError
+from pneumoloc.inference.base import DETECTOR_MAX_BOXES, DETECTOR_MIN_SCORE
 from pneumoloc.localise.agreement import BoxAgreement, box_agreement
 from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
 from pneumoloc.localise.geometry import xywh_to_xyxy
 from pneumoloc.models.detector import (
     DETECTOR_BACKBONES,
-    DETECTOR_MAX_BOXES,
-    DETECTOR_MIN_SCORE,
     build_detector,
     detect,
     detector_input,

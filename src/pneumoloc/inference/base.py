@@ -23,7 +23,7 @@ from pneumoloc.inference.prediction import Prediction
 from pneumoloc.inference.recipe import InferenceRecipe
 from pneumoloc.io import XrayImage
 from pneumoloc.io.preprocess import resize_square
-from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes, cam_to_boxes
+from pneumoloc.localise.boxes import BoxConfig, ScoredBoxes, cam_to_boxes, detector_boxes
 from pneumoloc.localise.lungs import estimate_lung_mask, restrict_to_lungs
 from pneumoloc.localise.refine import refine_heatmaps
 
@@ -32,14 +32,47 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_WEIGHTS",
+    "DETECTOR_MAX_BOXES",
+    "DETECTOR_MIN_SCORE",
     "BasePredictor",
+    "Detections",
+    "pack_detections",
     "prediction_record",
     "resolve_checkpoint",
     "split_settings",
+    "unpack_detections",
 ]
 
 DEFAULT_MODEL = "default"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
+DETECTOR_MIN_SCORE = 0.05
+"""Detector boxes scoring below this are dropped (unless the model's detector config says)."""
+DETECTOR_MAX_BOXES = 2
+"""At most this many detector boxes per image (unless the model's detector config says)."""
+
+Detections = list[tuple[np.ndarray, np.ndarray]]
+"""A detector's output per image: boxes (N, 4) xyxy in input pixels and scores (N,), best first."""
+
+
+def pack_detections(detections: Detections, max_boxes: int) -> np.ndarray:
+    """Detections as one float32 array (B, max_boxes, 5): x0, y0, x1, y1, score, best first,
+    rows past an image's last box NaN. It travels with the network's other outputs (sliced per
+    image, pickled to a worker process) and :func:`unpack_detections` undoes it."""
+    out = np.full((len(detections), max_boxes, 5), np.nan, np.float32)
+    for i, (boxes, scores) in enumerate(detections):
+        k = min(len(scores), max_boxes)
+        out[i, :k, :4] = np.asarray(boxes, np.float32)[:k]
+        out[i, :k, 4] = np.asarray(scores, np.float32)[:k]
+    return out
+
+
+def unpack_detections(packed: np.ndarray) -> Detections:
+    """The inverse of :func:`pack_detections`."""
+    out = []
+    for rows in np.asarray(packed, np.float32):
+        kept = rows[np.isfinite(rows[:, 4])]
+        out.append((kept[:, :4].copy(), kept[:, 4].copy()))
+    return out
 
 
 def resolve_checkpoint(name: str | Path | None) -> Path:
@@ -142,9 +175,45 @@ class BasePredictor:
         return self.threshold
 
     @property
+    def has_detector(self) -> bool:
+        """Whether a self-trained box detector (``pneumoloc selftrain``) draws the boxes of
+        positive images; backends that can run one override this and :meth:`detect`."""
+        return False
+
+    @property
     def box_source(self) -> str:
         """What draws the boxes: "cam" (the box rule) or "detector" (a self-trained one)."""
-        return "cam"
+        return "detector" if self.has_detector else "cam"
+
+    @property
+    def detector_limits(self) -> tuple[float, int]:
+        """The detector's minimum score and most boxes per image (its stored config, else
+        :data:`DETECTOR_MIN_SCORE` and :data:`DETECTOR_MAX_BOXES`)."""
+        entry = self.meta.get("detector") or {}
+        config = entry.get("config") or {} if isinstance(entry, dict) else {}
+        return (
+            float(config.get("min_score", DETECTOR_MIN_SCORE)),
+            int(config.get("max_boxes", DETECTOR_MAX_BOXES)),
+        )
+
+    def detect(self, images: np.ndarray) -> Detections:
+        """The detector's boxes for uint8 images (B, S, S), at most ``detector_limits``.
+
+        Raises:
+            NotImplementedError: This predictor has no detector.
+        """
+        raise NotImplementedError(f"this {self.backend} predictor has no box detector")
+
+    def detect_where(self, images: np.ndarray, gate: np.ndarray) -> Detections:
+        """:meth:`detect` on the images where ``gate`` is true (the ones that get boxes); no
+        boxes for the others, whose detections are never used."""
+        empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+        out: Detections = [empty] * len(images)
+        picked = np.flatnonzero(np.asarray(gate, bool))
+        if len(picked):
+            for i, found in zip(picked, self.detect(np.asarray(images)[picked]), strict=True):
+                out[int(i)] = found
+        return out
 
     @property
     def model_id(self) -> str:
@@ -236,26 +305,39 @@ class BasePredictor:
 
     def raw_outputs(
         self, images: Any, with_features: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """:meth:`network_with_features`, or :meth:`network` with None for the features."""
-        if with_features:
-            return self.network_with_features(images)
-        return (*self.network(images), None)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`network_with_features` (or :meth:`network` with None for the features) and,
+        with a detector, its boxes on the images that will get boxes (:func:`pack_detections`;
+        None without a detector): every network's output, so :meth:`finish` needs none."""
+        out = self.network_with_features(images) if with_features else (*self.network(images), None)
+        packed = None
+        if self.has_detector:
+            probs, _, pixels, _ = out
+            gate = self._calibrated(probs) >= self.box_threshold
+            packed = pack_detections(self.detect_where(pixels, gate), self.detector_limits[1])
+        return (*out, packed)
+
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        return apply_temperature(probs, self.temperature) if len(probs) else probs
 
     def finish(
         self,
         images: np.ndarray,
-        raw: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None],
+        raw: tuple[np.ndarray | None, ...],
         original_shapes: Sequence[tuple[int, int]],
     ) -> list[Prediction]:
         """Everything after the network (calibration, refinement, lung mask, boxes) for what
-        :meth:`network_with_features` returned on ``images``; any slice of a batch can be
-        finished on its own, with the same result (``predict`` finishes image by image in its
-        worker threads while the network runs the next batch)."""
-        raw_probs, raw_maps, pixels, feats = raw
+        :meth:`raw_outputs` returned on ``images``; any slice of a batch can be finished on
+        its own, with the same result (``predict`` finishes image by image in its worker
+        threads or processes while the network runs the next batch). Without the packed
+        detections (a 4-tuple), a predictor with a detector runs it here."""
+        raw_probs, raw_maps, pixels, feats = raw[:4]
+        packed = raw[4] if len(raw) > 4 else None
+        assert raw_probs is not None and raw_maps is not None and pixels is not None
         probs, maps, masks = self._after_network_with_masks(raw_probs, raw_maps, pixels)
         shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
-        all_boxes = self.draw_boxes(images, probs, maps, shapes)
+        detections = None if packed is None else unpack_detections(packed)
+        all_boxes = self.draw_boxes(images, probs, maps, shapes, detections=detections)
         return [
             Prediction(
                 probability=float(p),
@@ -278,13 +360,30 @@ class BasePredictor:
         probs: np.ndarray,
         maps: np.ndarray,
         shapes: Sequence[tuple[int, int]],
+        *,
+        detections: Detections | None = None,
     ) -> list[ScoredBoxes]:
-        """Boxes in original pixels for each image: the box rule on the heatmaps."""
+        """Boxes in original pixels for each image (``probs`` calibrated): the box rule on the
+        heatmaps or, with a detector, its boxes on the images over the box threshold (the box
+        rule's where it finds none). ``detections`` are the detector's boxes when already
+        computed (:meth:`raw_outputs`); otherwise the detector runs here."""
         gate = self.box_threshold
-        return [
+        cam_boxes = [
             cam_to_boxes(h, float(p), threshold=gate, config=self.box_config, out_shape=shape)
             for p, h, shape in zip(probs, maps, shapes, strict=True)
         ]
+        if not self.has_detector:
+            return cam_boxes
+        if detections is None:
+            detections = self.detect_where(images, np.asarray(probs) >= gate)
+        return detector_boxes(
+            detections,
+            probs,
+            threshold=gate,
+            input_size=self.image_size,
+            out_shapes=shapes,
+            fallback=cam_boxes,
+        )
 
     def predict_xrays(
         self, xrays: Sequence[XrayImage], *, with_features: bool = False

@@ -13,7 +13,6 @@ about 4x faster than PyTorch's, with the same probabilities to 1e-6
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference import base
 from pneumoloc.inference.base import DEFAULT_MODEL, BasePredictor
+from pneumoloc.inference.onnx_backend import file_sha256
 
 __all__ = [
     "BACKENDS",
@@ -30,6 +30,7 @@ __all__ = [
     "GPU_BATCH_SIZE",
     "choose_backend",
     "default_batch_size",
+    "file_sha256",
     "load_predictor",
     "onnx_equivalent",
     "onnx_twin",
@@ -52,15 +53,6 @@ def gpu_present() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checkpoint_path(model: str | Path | None) -> Path:
@@ -142,9 +134,18 @@ def _twin_predictor(
         )
         return None
     recipe = meta.get("source_recipe") or {}
+    if recipe.get("has_detector") and not predictor.has_detector:
+        logger.warning(
+            "%s carries no box detector but %s has one (exported before detectors were "
+            "exported); running it with PyTorch (re-export: pneumoloc export %s --onnx %s)",
+            twin,
+            checkpoint,
+            checkpoint,
+            twin,
+        )
+        return None
     if (
-        recipe.get("has_detector")
-        or recipe.get("tta")
+        recipe.get("tta")
         or recipe.get("cam_method", "cam") != "cam"
         or recipe.get("cam_layers") not in (None, "final")
     ):
@@ -243,9 +244,10 @@ def load_predictor(
 def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredictor | None:
     """The same predictor with its network run by ONNX Runtime, when that is possible and
     exactly the same model: a torch :class:`~pneumoloc.inference.torch_backend.Predictor`
-    on the CPU, classic CAM, no test-time augmentation, multi-stage CAM or detector, at its
-    trained size, whose checkpoint (one model or an ensemble) has a matching
-    :func:`onnx_twin` exported with the recipe's ``cam_align`` and ``cam_floor``. Metadata and
+    on the CPU, classic CAM, no test-time augmentation or multi-stage CAM, at its trained
+    size, whose checkpoint (one model or an ensemble) has a matching :func:`onnx_twin`
+    exported with the recipe's ``cam_align`` and ``cam_floor``, with a detector exactly when
+    the torch one has one (the twin's detector file then runs it). Metadata and
     recipe (overrides included) are the torch predictor's, so everything after the network and
     everything reported is unchanged; None otherwise. Used by ``evaluate``.
     """
@@ -253,7 +255,7 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
 
     checkpoint = _checkpoint_path(checkpoint)
     model = getattr(predictor, "model", None)
-    if model is None or getattr(predictor, "detector", None) is not None:
+    if model is None:
         return None
     device = next(model.parameters()).device
     recipe = predictor.recipe
@@ -281,12 +283,15 @@ def onnx_equivalent(predictor: Any, checkpoint: str | Path | None) -> BasePredic
     opened = _twin_predictor(checkpoint, twin, None, {**settings, "cam_floor": graph_floor})
     if not isinstance(opened, OnnxPredictor) or opened.image_size != predictor.image_size:
         return None
+    if opened.has_detector != predictor.has_detector:  # e.g. use_detector=False on one side
+        return None
     meta = dict(predictor.meta)
     meta["weights_sha256"] = opened.meta.get("weights_sha256", "")
     meta["cam_align"] = opened.recipe.cam_align
     meta["cam_floor"] = opened.recipe.cam_floor
     return OnnxPredictor(
         session=opened.session,
+        detector_session=opened.detector_session,
         meta=meta,
         recipe=recipe,
         batch_size=predictor.batch_size,

@@ -9,7 +9,9 @@ records) with the PyTorch backend through :class:`pneumoloc.inference.base.BaseP
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +23,10 @@ from pneumoloc.errors import CheckpointError, ConfigError
 from pneumoloc.inference.base import BasePredictor, split_settings
 
 __all__ = [
+    "DETECTOR_FORMAT",
+    "DETECTOR_INPUT",
+    "DETECTOR_OUTPUTS",
+    "DETECTOR_SUFFIX",
     "FEATURES_NAME",
     "GRAPH_REVISION",
     "INPUT_NAME",
@@ -28,6 +34,8 @@ __all__ = [
     "ONNX_FORMAT",
     "OUTPUT_NAMES",
     "OnnxPredictor",
+    "detector_file",
+    "file_sha256",
     "read_onnx_metadata",
 ]
 
@@ -44,6 +52,20 @@ OUTPUT_NAMES = ("probability", "heatmap")
 FEATURES_NAME = "features"
 """Optional third output: the (first) model's pooled features (B, C), for the input check.
 Files exported before it existed lack it; they are run without it."""
+
+DETECTOR_FORMAT = "pneumoloc-detector-onnx/1"
+"""``pneumoloc.format`` of the detector file written beside an exported model whose checkpoint
+holds a self-trained detector (``pneumoloc selftrain``): its own graph, because it runs one
+image at a time on the images that get boxes, and ONNX Runtime runs every node of a graph
+whatever outputs are asked for (measured), so in the classifier's graph it would run on every
+image of every batch."""
+DETECTOR_SUFFIX = ".detector.onnx"
+"""The detector file of ``NAME.onnx`` is ``NAME.detector.onnx``, in the same folder."""
+DETECTOR_INPUT = "image"
+"""The detector graph's input: uint8 (1, 1, S, S), one image (its scaling is in the graph)."""
+DETECTOR_OUTPUTS = ("boxes", "scores")
+"""Its outputs: boxes float32 (N, 4) xyxy in input pixels and scores (N,), best first."""
+_DETECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 META_KEYS = {
     "format": "pneumoloc.format",
@@ -98,6 +120,84 @@ def _parse_metadata(path: Path, props: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def detector_file(path: str | Path, meta: dict[str, Any]) -> Path | None:
+    """The detector file an exported model's metadata names (beside it), or None without one.
+
+    The name comes from the file, so it is used only if it is a plain file name ending in
+    :data:`DETECTOR_SUFFIX` (no folder, no ``..``, letters, digits, ``._-``).
+
+    Raises:
+        CheckpointError: The name is not such a plain name.
+    """
+    entry = meta.get("detector")
+    if not entry:
+        return None
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if (
+        not isinstance(name, str)
+        or not _DETECTOR_NAME.fullmatch(name)
+        or ".." in name
+        or not name.endswith(DETECTOR_SUFFIX)
+    ):
+        raise CheckpointError(
+            f"{path}: its metadata names the detector file {str(name)[:80]!r}, which is not a "
+            f"plain file name ending in {DETECTOR_SUFFIX!r}"
+        )
+    return Path(path).parent / name
+
+
+def _open_session(path: Path, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session for ``path`` (``threads`` intra-op threads, no spinning)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or available_cores()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting between runs: predict decodes files in other threads meanwhile, and
+    # spinning threads starve them (and any PyTorch model in the process) for ~1 ms gained.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CheckpointError(
+            f"{path}: ONNX Runtime cannot load it ({type(exc).__name__})"
+        ) from None
+
+
+def _open_detector(path: Path, meta: dict[str, Any], threads: int | None) -> Any:
+    """The session of the detector file ``meta`` names, after checking it is the file the
+    model was exported with (its SHA-256 is in the model's metadata)."""
+    side = detector_file(path, meta)
+    assert side is not None
+    if not side.is_file():
+        raise CheckpointError(
+            f"{path}: its box detector {side.name} is missing from {side.parent} (keep the "
+            "two files together, or export again: pneumoloc export CKPT --onnx FILE)"
+        )
+    if file_sha256(side) != meta["detector"].get("sha256"):
+        raise CheckpointError(
+            f"{side}: not the detector {path.name} was exported with (its SHA-256 differs); "
+            "export again: pneumoloc export CKPT --onnx FILE"
+        )
+    session = _open_session(side, threads)
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    if props.get(META_KEYS["format"]) != DETECTOR_FORMAT:
+        raise CheckpointError(f"{side}: not a pneumoloc detector file")
+    return session
+
+
 class _NoSession:
     """The session of :meth:`OnnxPredictor.without_network`: any use is a bug, said plainly."""
 
@@ -117,6 +217,9 @@ class OnnxPredictor(BasePredictor):
 
     Attributes:
         session: The ``onnxruntime.InferenceSession``.
+        detector_session: The session of the self-trained detector's file when the model has
+            one (:data:`DETECTOR_FORMAT`); it then draws the boxes of positive images, as in
+            the PyTorch backend. None: the box rule draws them.
         meta: The metadata stored in the ONNX file (see :func:`read_onnx_metadata`).
         box_config: The heatmap -> boxes rule (default: the stored one).
         batch_size: Images per ``session.run``.
@@ -125,6 +228,7 @@ class OnnxPredictor(BasePredictor):
     backend: ClassVar[str] = "onnx"
 
     session: Any
+    detector_session: Any = None
 
     def __post_init__(self) -> None:
         if self.cam_method != "cam":
@@ -151,39 +255,31 @@ class OnnxPredictor(BasePredictor):
 
     @classmethod
     def from_onnx(
-        cls, path: str | Path, *, threads: int | None = None, **kwargs: Any
+        cls,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        use_detector: bool = True,
+        **kwargs: Any,
     ) -> OnnxPredictor:
-        """Open an exported model.
+        """Open an exported model (and its detector file, when it names one).
 
         Args:
             path: The ``.onnx`` file written by :func:`export_onnx`.
             threads: ONNX Runtime intra-op threads (default: the cores this process may use).
+            use_detector: Open the model's detector file; False ignores it (the box rule
+                draws the boxes), as ``Predictor.from_checkpoint(use_detector=False)``.
             **kwargs: Recipe settings (``box_config``, ``lung_mask``, ...) and predictor fields
                 (``batch_size``, ...).
 
         Raises:
-            CheckpointError: Missing file, not a pneumoloc ONNX model.
+            CheckpointError: Missing file, not a pneumoloc ONNX model, or a detector file that
+                is missing or is not the one it was exported with.
         """
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: ONNX model not found")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cores()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No busy-waiting between runs: predict decodes files in other threads meanwhile, and
-        # spinning threads starve them (and any PyTorch model in the process) for ~1 ms gained.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CheckpointError(
-                f"{path}: ONNX Runtime cannot load it ({type(exc).__name__})"
-            ) from None
+        session = _open_session(path, threads)
         props = dict(session.get_modelmeta().custom_metadata_map)
         meta = _parse_metadata(path, props)
         meta["checkpoint_path"] = str(path)
@@ -195,8 +291,14 @@ class OnnxPredictor(BasePredictor):
             meta["quantization"] = json.loads(props.get(META_KEYS["quantization"], "null"))
         except ValueError:
             meta["source_recipe"], meta["quantization"] = {}, None
+        detector = None
+        if meta.get("detector") and use_detector:
+            detector = _open_detector(path, meta, threads)
+        elif meta.get("detector"):
+            meta.pop("detector")
         # The file's metadata holds only settings this backend runs (cam_method is "cam").
-        return cls(session=session, meta=meta, **split_settings(meta, kwargs, cam_method="cam"))
+        settings = split_settings(meta, kwargs, cam_method="cam")
+        return cls(session=session, detector_session=detector, meta=meta, **settings)
 
     @property
     def can_leave_network(self) -> bool:
@@ -204,10 +306,34 @@ class OnnxPredictor(BasePredictor):
         return True
 
     def without_network(self) -> OnnxPredictor:
-        """This predictor without its ONNX Runtime session (which cannot be pickled): the
+        """This predictor without its ONNX Runtime sessions (which cannot be pickled): the
         settings, metadata and everything after the network, for a worker process. Its
-        ``network`` methods raise."""
-        return dataclasses.replace(self, session=_NoSession())
+        ``network`` and ``detect`` methods raise; it still draws detector boxes from the
+        detections :meth:`raw_outputs` packed."""
+        detector = None if self.detector_session is None else _NoSession()
+        return dataclasses.replace(self, session=_NoSession(), detector_session=detector)
+
+    @property
+    def has_detector(self) -> bool:
+        """Whether the model's detector file was opened (it then draws the boxes)."""
+        return self.detector_session is not None
+
+    def detect(self, images: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The detector's boxes (xyxy, input pixels) and scores for uint8 images (B, S, S),
+        one image per run (the graph's batch is 1), at most ``detector_limits``."""
+        if self.detector_session is None:
+            return super().detect(images)
+        arr = np.asarray(images)
+        if arr.ndim == 4:
+            arr = arr[:, 0]
+        min_score, max_boxes = self.detector_limits
+        out = []
+        for image in arr:
+            feed = {DETECTOR_INPUT: np.ascontiguousarray(image[None, None], dtype=np.uint8)}
+            boxes, scores = self.detector_session.run(list(DETECTOR_OUTPUTS), feed)
+            keep = np.flatnonzero(np.asarray(scores) >= min_score)[:max_boxes]
+            out.append((boxes[keep].astype(np.float32), scores[keep].astype(np.float32)))
+        return out
 
     @property
     def has_features(self) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +13,15 @@ import torch
 
 from pneumoloc._runtime import resolve_device
 from pneumoloc.cam import cam_layers_of, compute_cam
-from pneumoloc.inference.base import BasePredictor, resolve_checkpoint, split_settings
+from pneumoloc.inference.base import BasePredictor, Detections, resolve_checkpoint, split_settings
 from pneumoloc.io.preprocess import to_model_input
-from pneumoloc.localise.boxes import ScoredBoxes, detector_boxes
 from pneumoloc.models.checkpoint import (
     load_checkpoint,
     member_roles,
     models_from_checkpoint,
     role_mean,
 )
-from pneumoloc.models.detector import (
-    DETECTOR_MAX_BOXES,
-    DETECTOR_MIN_SCORE,
-    detect,
-    load_detector,
-)
+from pneumoloc.models.detector import detect, load_detector
 
 __all__ = ["Predictor"]
 
@@ -58,9 +52,9 @@ class Predictor(BasePredictor):
     _weights_sha256: str | None = field(default=None, init=False, repr=False)
 
     @property
-    def box_source(self) -> str:
-        """What draws the boxes: "cam" (the box rule) or "detector" (a self-trained one)."""
-        return "cam" if self.detector is None else "detector"
+    def has_detector(self) -> bool:
+        """Whether the self-trained detector draws the boxes (it was loaded)."""
+        return self.detector is not None
 
     @classmethod
     def from_checkpoint(
@@ -91,32 +85,17 @@ class Predictor(BasePredictor):
                 kwargs = {**kwargs, "detector": load_detector(entry, device)}
         return cls(model=models[0], meta=meta, **split_settings(meta, kwargs))
 
-    def draw_boxes(
-        self,
-        images: np.ndarray,
-        probs: np.ndarray,
-        maps: np.ndarray,
-        shapes: Sequence[tuple[int, int]],
-    ) -> list[ScoredBoxes]:
-        """The box rule's boxes, or the self-trained detector's when there is one."""
-        cam_boxes = super().draw_boxes(images, probs, maps, shapes)
+    def detect(self, images: np.ndarray) -> Detections:
+        """The self-trained detector's boxes (xyxy, input pixels) and scores per image."""
         if self.detector is None:
-            return cam_boxes
-        entry = self.meta.get("detector", {}).get("config", {})
-        detections = detect(
+            return super().detect(images)
+        min_score, max_boxes = self.detector_limits
+        return detect(
             self.detector,
             np.asarray(images),
-            min_score=float(entry.get("min_score", DETECTOR_MIN_SCORE)),
-            max_boxes=int(entry.get("max_boxes", DETECTOR_MAX_BOXES)),
+            min_score=min_score,
+            max_boxes=max_boxes,
             batch_size=self.batch_size,
-        )
-        return detector_boxes(
-            detections,
-            probs,
-            threshold=self.box_threshold,
-            input_size=self.image_size,
-            out_shapes=shapes,
-            fallback=cam_boxes,
         )
 
     def network(

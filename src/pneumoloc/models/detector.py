@@ -21,8 +21,6 @@ from pneumoloc.errors import CheckpointError
 __all__ = [
     "DETECTOR_BACKBONES",
     "DETECTOR_KIND",
-    "DETECTOR_MAX_BOXES",
-    "DETECTOR_MIN_SCORE",
     "build_detector",
     "detect",
     "detector_input",
@@ -41,10 +39,6 @@ DETECTOR_BACKBONES = (
 )
 """Backbones a detector can have: torchvision's resnet18, or the timm encoders a pneumoloc
 classifier is built on, so the detector can start from the classifier's own weights."""
-DETECTOR_MIN_SCORE = 0.05
-"""Detector boxes scoring below this are dropped at inference (unless a checkpoint says)."""
-DETECTOR_MAX_BOXES = 2
-"""At most this many detector boxes per image (unless a checkpoint says)."""
 
 
 def detector_kind(backbone: str) -> str:
