@@ -106,6 +106,7 @@ def test_evaluate_rsna_writes_metrics_and_report(
     ):
         assert key in prov, key
     assert prov["disclaimer"] == DISCLAIMER and prov["boxes_tuned_on_val"] is False
+    assert prov["box_source"] == "cam"  # what draws the boxes (a detector says "detector")
     assert prov["split"] == {
         "name": "all",
         "n_images": 40,

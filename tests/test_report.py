@@ -258,3 +258,11 @@ def test_heatmap_colours_equal_matplotlibs_colormap_call() -> None:
     expected = colormaps["inferno"](heat)[..., :3]
     assert np.array_equal(heatmap_colours(heat), expected)
     assert heat[0, 1] == 1.0  # the input is not changed
+
+
+def test_the_report_says_what_drew_the_boxes() -> None:
+    metrics = _metrics()
+    assert "the box rule on the heatmap" in render_html(metrics, {}, [])
+    metrics["provenance"]["box_source"] = "detector"
+    text = render_html(metrics, {}, [])
+    assert "self-trained detector" in text and "no ground-truth box" in text

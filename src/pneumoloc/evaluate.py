@@ -738,6 +738,7 @@ def _provenance(
         "threshold_source": "checkpoint (chosen on its validation split)",
         **predictor.recipe.to_meta(),
         "box_threshold": predictor.box_threshold,
+        "box_source": predictor.box_source,
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None
         if tuning is None

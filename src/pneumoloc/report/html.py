@@ -155,6 +155,13 @@ def _provenance(p: Mapping[str, Any]) -> str:
             "Heatmap method",
             f"{_e(p.get('cam_method'))}" + (" with test-time augmentation" if p.get("tta") else ""),
         ),
+        (
+            "Boxes drawn by",
+            "a self-trained detector (pneumoloc selftrain: learnt from the model's own CAM "
+            "boxes, no ground-truth box); the box rule below only where it finds none"
+            if p.get("box_source") == "detector"
+            else "the box rule on the heatmap",
+        ),
         ("Box rule", f"<code>{_e(box)}</code>"),
         (
             "Box settings tuned on validation boxes",
