@@ -235,3 +235,62 @@ def test_quantize_keeps_the_detector_beside_the_int8_copy(
     assert (out.parent / side.name).read_bytes() == side.read_bytes()
     int8 = OnnxPredictor.from_onnx(out)
     assert int8.has_detector and int8.meta["quantization"]
+
+
+def test_the_score_map_pass_gives_fcos_own_detections() -> None:
+    """``fcos_with_score_map`` re-runs FCOS's eval steps to keep the head's outputs: its boxes
+    are exactly ``detector(images)``'s, and its map is the score FCOS ranks boxes by, upsampled:
+    bilinear upsampling averages neighbouring locations, so the map never exceeds the best
+    box's score (the highest location score), and comes close to it."""
+    from pneumoloc.models.checkpoint import load_checkpoint
+    from pneumoloc.models.detector import detect, detect_with_maps, load_detector
+
+    torch.manual_seed(0)
+    path = save_with_detector(Path(pytest.importorskip("tempfile").mkdtemp()) / "d.pt")
+    detector = load_detector(load_checkpoint(path)["detector"])
+    x = images(4, seed=3)
+    plain = detect(detector, x, min_score=0.0, max_boxes=2)
+    found, maps = detect_with_maps(detector, x, min_score=0.0, max_boxes=2)
+    assert maps.shape == (4, SIZE, SIZE) and maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    for (b, s), (b2, s2), m in zip(plain, found, maps, strict=True):
+        assert np.array_equal(b, b2) and np.array_equal(s, s2)
+        assert len(s) and 0.5 * s[0] <= m.max() <= s[0] + 1e-5
+
+
+def test_heatmap_source_detector_shows_the_detectors_map_on_flagged_films_only(
+    exported: tuple[Path, Path, Path],
+) -> None:
+    from pneumoloc.errors import ConfigError
+    from pneumoloc.inference.recipe import InferenceRecipe
+
+    with pytest.raises(ConfigError, match="heatmap_source"):
+        InferenceRecipe(heatmap_source="boxes")
+    ckpt, model, _ = exported
+    x, shapes = images(6, seed=2), [(SIZE, SIZE)] * 6
+    probs = Predictor.from_checkpoint(ckpt, device="cpu").probabilities(x)
+    threshold = float(np.sort(probs)[2:4].mean())  # between two films: both kinds occur
+    flagged = probs >= threshold
+    assert flagged.any() and not flagged.all(), probs
+    settings = {"threshold_override": threshold, "lung_mask": False}
+    det_t = Predictor.from_checkpoint(ckpt, device="cpu", heatmap_source="detector", **settings)
+    det_o = OnnxPredictor.from_onnx(model, heatmap_source="detector", **settings)
+    on_cam = Predictor.from_checkpoint(ckpt, device="cpu", **settings)
+    ref = on_cam.predict_arrays(x, shapes)
+    _, maps = det_t.detect_with_maps(x)
+    for backend in (det_t, det_o):
+        preds = backend.predict_arrays(x, shapes)
+        _, via_heatmaps = backend.heatmaps(x)
+        for i, p in enumerate(preds):
+            np.testing.assert_allclose(via_heatmaps[i], p.heatmap, atol=1e-6)
+            if flagged[i]:  # the detector's map, scaled to its peak
+                np.testing.assert_allclose(p.heatmap, maps[i] / maps[i].max(), atol=1e-4)
+            else:  # the CAM, as without the setting
+                np.testing.assert_allclose(p.heatmap, ref[i].heatmap, atol=1e-4)
+    assert det_o.recipe.heatmap_source == "detector"
+    # Without a detector the setting changes nothing.
+    plain = Predictor.from_checkpoint(
+        ckpt, device="cpu", use_detector=False, heatmap_source="detector", **settings
+    )
+    for p, r in zip(plain.predict_arrays(x, shapes), ref, strict=True):
+        np.testing.assert_allclose(p.heatmap, r.heatmap, atol=1e-6)

@@ -142,6 +142,13 @@ def _add_heatmap_options(p: argparse.ArgumentParser) -> None:
         "minimum (shift: a film whose every location votes 'no' keeps its ranking), or relu "
         "where a location votes 'yes' and shift elsewhere (auto); default: the checkpoint's",
     )
+    p.add_argument(
+        "--heatmap-source",
+        choices=["cam", "detector"],  # pneumoloc.inference.recipe.HEATMAP_SOURCES
+        default=None,
+        help="with a self-trained detector: its own score map as the heatmap of the films that "
+        "get boxes (detector), or the CAM everywhere (cam); default: the checkpoint's",
+    )
 
 
 # ---- synth -----------------------------------------------------------------------------------
@@ -567,6 +574,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         box_gate=args.box_gate,
         cam_align=args.cam_align,
         cam_floor=args.cam_floor,
+        heatmap_source=args.heatmap_source,
         gallery=args.gallery,
         device=args.device,
         image_size=args.image_size,

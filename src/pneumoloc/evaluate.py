@@ -530,6 +530,7 @@ def evaluate(
     box_gate: str | None = None,
     cam_align: str | None = None,
     cam_floor: str | None = None,
+    heatmap_source: str | None = None,
     gallery: int = 4,
     device: str = "auto",
     image_size: int | None = None,
@@ -561,6 +562,9 @@ def evaluate(
             see ``pneumoloc.cam.names.CAM_ALIGNS``).
         cam_floor: "relu", "shift" or "auto" (None: the checkpoint's; ``CAM_FLOORS``): how the
             classic CAM becomes a heatmap; an ONNX twin runs only when it computes the same.
+        heatmap_source: "cam" or "detector" (None: the checkpoint's; ``HEATMAP_SOURCES``):
+            for a model with a self-trained detector, its score map as the heatmap of the
+            films that get boxes.
         gallery: Overlays per category (true/false positives, misses); 0 for none.
         device: "auto", "cpu" or "cuda".
         image_size: Run the model at this size instead of the checkpoint's (None: the
@@ -596,6 +600,8 @@ def evaluate(
         kwargs["cam_align"] = cam_align
     if cam_floor is not None:
         kwargs["cam_floor"] = cam_floor
+    if heatmap_source is not None:
+        kwargs["heatmap_source"] = heatmap_source
     if cam_method is not None:
         kwargs["cam_method"] = cam_method
     predictor: BasePredictor = Predictor.from_checkpoint(checkpoint, device=device, **kwargs)

@@ -22,9 +22,11 @@ A checkpoint with a self-trained box detector (``pneumoloc selftrain``) also get
 file, ``NAME.detector.onnx`` beside ``NAME.onnx`` (format
 :data:`~pneumoloc.inference.onnx_backend.DETECTOR_FORMAT`): torchvision's FCOS with its
 post-processing (score threshold, top-k, NMS), uint8 ``image`` (1, 1, S, S) in, ``boxes``
-(N, 4) xyxy in input pixels and ``scores`` (N,) out, exported with the TorchScript-based
-exporter (its Python loop over images traces to a fixed batch of one). The model file's
-metadata names it and holds its SHA-256, so the two are opened together or not at all.
+(N, 4) xyxy in input pixels, ``scores`` (N,) and ``score_map`` (1, S, S) out, exported with
+the TorchScript-based exporter (its Python loop over images traces to a fixed batch of one).
+The model file's metadata names it and holds its SHA-256, so the two are opened together or not
+at all.
+
 The ONNX file describes itself: its ``metadata_props`` hold the image size, decision
 threshold, model spec, intensity convention, box rule and pneumoloc versions (keys
 ``pneumoloc.*``, see :data:`META_KEYS`), which :class:`OnnxPredictor` reads back.
@@ -188,19 +190,22 @@ def _cam_graph(
 
 
 def _detector_graph(detector: Any) -> Any:
-    """The exported detector: one uint8 image (1, 1, S, S) -> boxes (N, 4), scores (N,), as
-    :func:`pneumoloc.models.detector.detect` runs it (same scaling as ``detector_input``)."""
+    """The exported detector: one uint8 image (1, 1, S, S) -> boxes (N, 4), scores (N,) and
+    score map (1, S, S), as :func:`pneumoloc.models.detector.detect_with_maps` runs it (same
+    scaling as ``detector_input``)."""
     import torch
+
+    from pneumoloc.models.detector import fcos_with_score_map
 
     class DetectorGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.detector = detector
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             x = image[0].float().div(255.0).expand(3, -1, -1)
-            out = self.detector([x])[0]
-            return out["boxes"], out["scores"]
+            detections, score_map = fcos_with_score_map(self.detector, [x])
+            return detections[0]["boxes"], detections[0]["scores"], score_map
 
     return DetectorGraph().eval()
 
@@ -300,7 +305,7 @@ def _check_images(size: int, n: int) -> np.ndarray:
 def _compare_detector(path: Path, graph: Any, size: int, entry: dict[str, Any]) -> float:
     """Largest |ONNX Runtime - PyTorch| corner (input pixels) of the boxes ``detect`` keeps,
     on 3 check images; raises when they keep different numbers of boxes or differ by more
-    than half a pixel or 1e-3 in score."""
+    than half a pixel or 1e-3 in score, or when their score maps differ by more than 1e-4."""
     import torch
 
     from pneumoloc.inference.base import DETECTOR_MAX_BOXES, DETECTOR_MIN_SCORE
@@ -312,9 +317,14 @@ def _compare_detector(path: Path, graph: Any, size: int, entry: dict[str, Any]) 
     session = _open_session(path, 1)
     worst = 0.0
     for image in _check_images(size, 3):
-        boxes, scores = session.run(list(DETECTOR_OUTPUTS), {DETECTOR_INPUT: image[None]})
+        feed = {DETECTOR_INPUT: image[None]}
+        boxes, scores, score_map = session.run(list(DETECTOR_OUTPUTS), feed)
         with torch.inference_mode():
-            ref_boxes, ref_scores = (t.numpy() for t in graph(torch.from_numpy(image[None])))
+            ref_boxes, ref_scores, ref_map = (
+                t.numpy() for t in graph(torch.from_numpy(image[None]))
+            )
+        if score_map.shape != ref_map.shape or float(np.abs(score_map - ref_map).max()) > 1e-4:
+            raise CheckpointError(f"{path}: ONNX Runtime's detector map differs from PyTorch's")
         keep = np.flatnonzero(scores >= min_score)[:max_boxes]
         ref_keep = np.flatnonzero(ref_scores >= min_score)[:max_boxes]
         if len(keep) != len(ref_keep) or (

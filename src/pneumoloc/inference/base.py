@@ -196,24 +196,50 @@ class BasePredictor:
             int(config.get("max_boxes", DETECTOR_MAX_BOXES)),
         )
 
-    def detect(self, images: np.ndarray) -> Detections:
-        """The detector's boxes for uint8 images (B, S, S), at most ``detector_limits``.
+    def detect_with_maps(self, images: np.ndarray) -> tuple[Detections, np.ndarray]:
+        """The detector's boxes for uint8 images (B, S, S), at most ``detector_limits``, and
+        its score map per image (float32 (B, S, S) in [0, 1], from the same pass).
 
         Raises:
             NotImplementedError: This predictor has no detector.
         """
         raise NotImplementedError(f"this {self.backend} predictor has no box detector")
 
-    def detect_where(self, images: np.ndarray, gate: np.ndarray) -> Detections:
-        """:meth:`detect` on the images where ``gate`` is true (the ones that get boxes); no
-        boxes for the others, whose detections are never used."""
+    def detect(self, images: np.ndarray) -> Detections:
+        """The detector's boxes (:meth:`detect_with_maps` without the maps)."""
+        return self.detect_with_maps(images)[0]
+
+    def detect_where(self, images: np.ndarray, gate: np.ndarray) -> tuple[Detections, np.ndarray]:
+        """:meth:`detect_with_maps` on the images where ``gate`` is true (the ones that get
+        boxes); no boxes and a zero map for the others, which are never used."""
+        images = np.asarray(images)
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
-        out: Detections = [empty] * len(images)
+        found: Detections = [empty] * len(images)
+        maps = np.zeros((len(images), *images.shape[-2:]), np.float32)
         picked = np.flatnonzero(np.asarray(gate, bool))
         if len(picked):
-            for i, found in zip(picked, self.detect(np.asarray(images)[picked]), strict=True):
-                out[int(i)] = found
-        return out
+            boxes, score_maps = self.detect_with_maps(images[picked])
+            for k, i in enumerate(picked):
+                found[int(i)] = boxes[k]
+            maps[picked] = score_maps
+        return found, maps
+
+    def _detector_stage(
+        self, probs: np.ndarray, maps: np.ndarray, pixels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """With a detector: the heatmaps (its score maps, each scaled to its peak, on the
+        films that get boxes when ``heatmap_source`` is "detector"; ``maps`` otherwise) and its
+        packed boxes (:func:`pack_detections`). Without one: ``maps`` and None."""
+        if not self.has_detector or len(probs) == 0:
+            return maps, None
+        gate = self._calibrated(probs) >= self.box_threshold
+        found, score_maps = self.detect_where(pixels, gate)
+        if self.recipe.heatmap_source == "detector" and gate.any():
+            maps = np.array(maps, dtype=np.float32, copy=True)
+            peaks = score_maps[gate].reshape(int(gate.sum()), -1).max(axis=1)
+            scaled = score_maps[gate] / np.maximum(peaks, 1e-12)[:, None, None]
+            maps[gate] = np.where(peaks[:, None, None] > 0, scaled, 0.0)
+        return maps, pack_detections(found, self.detector_limits[1])
 
     @property
     def model_id(self) -> str:
@@ -251,6 +277,8 @@ class BasePredictor:
         heatmaps go through :meth:`postprocess` (the same steps for every backend).
         """
         probs, maps, pixels = self.network(images)
+        if self.recipe.heatmap_source == "detector":
+            maps, _ = self._detector_stage(probs, maps, pixels)
         return self._after_network(probs, maps, pixels)
 
     def _after_network(
@@ -308,14 +336,14 @@ class BasePredictor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`network_with_features` (or :meth:`network` with None for the features) and,
         with a detector, its boxes on the images that will get boxes (:func:`pack_detections`;
-        None without a detector): every network's output, so :meth:`finish` needs none."""
-        out = self.network_with_features(images) if with_features else (*self.network(images), None)
-        packed = None
-        if self.has_detector:
-            probs, _, pixels, _ = out
-            gate = self._calibrated(probs) >= self.box_threshold
-            packed = pack_detections(self.detect_where(pixels, gate), self.detector_limits[1])
-        return (*out, packed)
+        None without a detector), its score maps in place of those images' heatmaps when the
+        recipe's ``heatmap_source`` is "detector": every network's output, so :meth:`finish`
+        needs none."""
+        probs, maps, pixels, feats = (
+            self.network_with_features(images) if with_features else (*self.network(images), None)
+        )
+        maps, packed = self._detector_stage(probs, maps, pixels)
+        return probs, maps, pixels, feats, packed
 
     def _calibrated(self, probs: np.ndarray) -> np.ndarray:
         return apply_temperature(probs, self.temperature) if len(probs) else probs
@@ -334,6 +362,8 @@ class BasePredictor:
         raw_probs, raw_maps, pixels, feats = raw[:4]
         packed = raw[4] if len(raw) > 4 else None
         assert raw_probs is not None and raw_maps is not None and pixels is not None
+        if packed is None and self.has_detector:  # what raw_outputs would have added
+            raw_maps, packed = self._detector_stage(raw_probs, raw_maps, pixels)
         probs, maps, masks = self._after_network_with_masks(raw_probs, raw_maps, pixels)
         shapes = [(int(s[0]), int(s[1])) for s in original_shapes]
         detections = None if packed is None else unpack_detections(packed)
@@ -375,7 +405,7 @@ class BasePredictor:
         if not self.has_detector:
             return cam_boxes
         if detections is None:
-            detections = self.detect_where(images, np.asarray(probs) >= gate)
+            detections = self.detect_where(images, np.asarray(probs) >= gate)[0]
         return detector_boxes(
             detections,
             probs,

@@ -53,7 +53,7 @@ FEATURES_NAME = "features"
 """Optional third output: the (first) model's pooled features (B, C), for the input check.
 Files exported before it existed lack it; they are run without it."""
 
-DETECTOR_FORMAT = "pneumoloc-detector-onnx/1"
+DETECTOR_FORMAT = "pneumoloc-detector-onnx/2"
 """``pneumoloc.format`` of the detector file written beside an exported model whose checkpoint
 holds a self-trained detector (``pneumoloc selftrain``): its own graph, because it runs one
 image at a time on the images that get boxes, and ONNX Runtime runs every node of a graph
@@ -63,8 +63,10 @@ DETECTOR_SUFFIX = ".detector.onnx"
 """The detector file of ``NAME.onnx`` is ``NAME.detector.onnx``, in the same folder."""
 DETECTOR_INPUT = "image"
 """The detector graph's input: uint8 (1, 1, S, S), one image (its scaling is in the graph)."""
-DETECTOR_OUTPUTS = ("boxes", "scores")
-"""Its outputs: boxes float32 (N, 4) xyxy in input pixels and scores (N,), best first."""
+DETECTOR_OUTPUTS = ("boxes", "scores", "score_map")
+"""Its outputs: boxes float32 (N, 4) xyxy in input pixels and scores (N,), best first, and its
+score map (1, S, S) in [0, 1] (:func:`pneumoloc.models.detector.fcos_with_score_map`). (Format
+1, from the day before the map, had the first two only.)"""
 _DETECTOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 META_KEYS = {
@@ -318,22 +320,24 @@ class OnnxPredictor(BasePredictor):
         """Whether the model's detector file was opened (it then draws the boxes)."""
         return self.detector_session is not None
 
-    def detect(self, images: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    def detect_with_maps(self, images: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
         """The detector's boxes (xyxy, input pixels) and scores for uint8 images (B, S, S),
-        one image per run (the graph's batch is 1), at most ``detector_limits``."""
+        at most ``detector_limits``, and its score maps (B, S, S); one image per run (the
+        graph's batch is 1)."""
         if self.detector_session is None:
-            return super().detect(images)
+            return super().detect_with_maps(images)
         arr = np.asarray(images)
         if arr.ndim == 4:
             arr = arr[:, 0]
         min_score, max_boxes = self.detector_limits
-        out = []
-        for image in arr:
+        found, maps = [], np.zeros(arr.shape, np.float32)
+        for i, image in enumerate(arr):
             feed = {DETECTOR_INPUT: np.ascontiguousarray(image[None, None], dtype=np.uint8)}
-            boxes, scores = self.detector_session.run(list(DETECTOR_OUTPUTS), feed)
+            boxes, scores, score_map = self.detector_session.run(list(DETECTOR_OUTPUTS), feed)
             keep = np.flatnonzero(np.asarray(scores) >= min_score)[:max_boxes]
-            out.append((boxes[keep].astype(np.float32), scores[keep].astype(np.float32)))
-        return out
+            found.append((boxes[keep].astype(np.float32), scores[keep].astype(np.float32)))
+            maps[i] = score_map[0]
+        return found, maps
 
     @property
     def has_features(self) -> bool:

@@ -29,6 +29,7 @@ from pneumoloc.localise.refine import REFINE_METHODS
 __all__ = [
     "BOX_GATES",
     "DEFAULT_INFERENCE_RECIPE",
+    "HEATMAP_SOURCES",
     "NOTEBOOK_BOX_RULE",
     "NOTEBOOK_RECIPE",
     "ONNX_RECIPE_FIELDS",
@@ -38,6 +39,12 @@ __all__ = [
 BOX_GATES = ("decision", "f1")
 """``box_gate`` choices: boxes above the decision threshold, or above the F1-optimal
 ``box_threshold`` of the checkpoint (see ``metrics.classification.f1_threshold``)."""
+
+
+HEATMAP_SOURCES = ("cam", "detector")
+"""``heatmap_source`` choices: the classifier's heatmap (``cam_method``) on every film, or, for a
+model with a self-trained detector, the detector's own score map on the films that get boxes
+(the CAM elsewhere): its boxes and its map then come from one network."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,11 @@ class InferenceRecipe:
             for a map with a positive location, shift for one without); see
             :data:`pneumoloc.cam.names.CAM_FLOORS`. An ONNX graph computes the one it was
             exported with (files before 0.4: ``"relu"``).
+        heatmap_source: ``"cam"`` or ``"detector"`` (:data:`HEATMAP_SOURCES`): with a
+            self-trained detector, ``"detector"`` makes the heatmap of each film that gets
+            boxes the detector's score map
+            (:func:`pneumoloc.models.detector.fcos_with_score_map`), refined and lung-masked as
+            a CAM would be; without a detector it changes nothing.
     """
 
     cam_method: str = "cam"
@@ -76,6 +88,7 @@ class InferenceRecipe:
     box_config: BoxConfig = field(default_factory=BoxConfig)
     cam_align: str = "centre"
     cam_floor: str = "relu"
+    heatmap_source: str = "cam"
 
     def __post_init__(self) -> None:
         check_cam_method(self.cam_method)
@@ -99,6 +112,11 @@ class InferenceRecipe:
         if self.cam_layers not in (None, *CAM_LAYER_CHOICES):
             raise ConfigError(
                 f"unknown cam_layers {self.cam_layers!r}; choose one of {list(CAM_LAYER_CHOICES)}"
+            )
+        if self.heatmap_source not in HEATMAP_SOURCES:
+            raise ConfigError(
+                f"unknown heatmap_source {self.heatmap_source!r}; choose one of "
+                f"{list(HEATMAP_SOURCES)}"
             )
         if self.box_gate not in BOX_GATES:
             raise ConfigError(f"box_gate must be 'decision' or 'f1', got {self.box_gate!r}")
@@ -151,6 +169,7 @@ ONNX_RECIPE_FIELDS = (
     "box_config",
     "cam_align",
     "cam_floor",
+    "heatmap_source",
 )
 """The settings an exported ONNX file carries: the graph computes the classic CAM without
 test-time augmentation or stage fusion, upsampled as ``cam_align`` says and floored as

@@ -21,7 +21,7 @@ from pneumoloc.models.checkpoint import (
     models_from_checkpoint,
     role_mean,
 )
-from pneumoloc.models.detector import detect, load_detector
+from pneumoloc.models.detector import detect_with_maps, load_detector
 
 __all__ = ["Predictor"]
 
@@ -85,12 +85,13 @@ class Predictor(BasePredictor):
                 kwargs = {**kwargs, "detector": load_detector(entry, device)}
         return cls(model=models[0], meta=meta, **split_settings(meta, kwargs))
 
-    def detect(self, images: np.ndarray) -> Detections:
-        """The self-trained detector's boxes (xyxy, input pixels) and scores per image."""
+    def detect_with_maps(self, images: np.ndarray) -> tuple[Detections, np.ndarray]:
+        """The self-trained detector's boxes (xyxy, input pixels) and scores per image, and
+        its score maps (:func:`pneumoloc.models.detector.detect_with_maps`)."""
         if self.detector is None:
-            return super().detect(images)
+            return super().detect_with_maps(images)
         min_score, max_boxes = self.detector_limits
-        return detect(
+        return detect_with_maps(
             self.detector,
             np.asarray(images),
             min_score=min_score,

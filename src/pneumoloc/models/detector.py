@@ -21,10 +21,13 @@ from pneumoloc.errors import CheckpointError
 __all__ = [
     "DETECTOR_BACKBONES",
     "DETECTOR_KIND",
+    "PNEUMONIA_LABEL",
     "build_detector",
     "detect",
+    "detect_with_maps",
     "detector_input",
     "detector_kind",
+    "fcos_with_score_map",
     "init_detector_from_classifier",
     "load_detector",
 ]
@@ -39,6 +42,11 @@ DETECTOR_BACKBONES = (
 )
 """Backbones a detector can have: torchvision's resnet18, or the timm encoders a pneumoloc
 classifier is built on, so the detector can start from the classifier's own weights."""
+
+
+PNEUMONIA_LABEL = 1
+"""The class index of a pseudo-box (``pneumoloc selftrain`` labels every box 1; FCOS scores each
+class with its own sigmoid, so index 0 is never trained)."""
 
 
 def detector_kind(backbone: str) -> str:
@@ -152,6 +160,81 @@ def detector_input(images: Tensor) -> list[Tensor]:
     """uint8 (B, S, S) -> list of float (3, S, S) in [0, 1] (FCOS normalises them)."""
     x = images.float().div(255.0)
     return [img[None].expand(3, -1, -1) for img in x]
+
+
+def fcos_with_score_map(
+    detector: nn.Module, images: list[Tensor], label: int = PNEUMONIA_LABEL
+) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """torchvision FCOS's inference (eval mode), plus its score map: per image (S, S) in [0, 1],
+    the score FCOS gives each location of its pyramid for ``label``
+    (``sqrt(sigmoid(class logit) * sigmoid(centerness))``, what its post-processing ranks boxes
+    by), each level upsampled bilinearly to the input size, the maximum over levels.
+
+    Written out here because FCOS's ``forward`` returns the boxes only: these are its own eval
+    steps (transform, backbone, head, anchors, ``postprocess_detections``,
+    ``transform.postprocess``) in its order, so the detections are exactly ``detector(images)``
+    (a test checks), with the head's outputs kept for the map. Images of one size (no
+    resizing: ``min_size = max_size`` = that size, as :func:`build_detector` builds it).
+    """
+    from collections import OrderedDict as _OrderedDict
+
+    import torch.nn.functional as F
+
+    model: Any = detector
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    batch, _ = model.transform(images, None)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, Tensor):  # pragma: no cover - every pneumoloc backbone gives a dict
+        features = _OrderedDict([("0", features)])
+    feats = list(features.values())
+    head = model.head(feats)
+    anchors = model.anchor_generator(batch, feats)
+    per_level = [f.size(2) * f.size(3) for f in feats]
+    split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+    split_anchors = [list(a.split(per_level)) for a in anchors]
+    detections = model.postprocess_detections(split_head, split_anchors, batch.image_sizes)
+    detections = model.transform.postprocess(detections, batch.image_sizes, sizes)
+    score = (
+        head["cls_logits"][..., label].sigmoid() * head["bbox_ctrness"][..., 0].sigmoid()
+    ).sqrt()
+    h, w = batch.tensors.shape[-2:]
+    levels, offset = [], 0
+    for f in feats:
+        fh, fw = f.shape[-2:]
+        level = score[:, offset : offset + fh * fw].reshape(-1, 1, fh, fw)
+        offset += fh * fw
+        levels.append(F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False))
+    maps = torch.cat(levels, dim=1).amax(dim=1)
+    return detections, maps
+
+
+@torch.no_grad()
+def detect_with_maps(
+    detector: nn.Module,
+    images: np.ndarray | Tensor,
+    *,
+    min_score: float,
+    max_boxes: int,
+    batch_size: int = 16,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """:func:`detect`, and the detector's score map per image (float32 (B, S, S) in [0, 1],
+    :func:`fcos_with_score_map`) from the same pass."""
+    device = next(detector.parameters()).device
+    tensor = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+    detector.eval()
+    found, maps = [], []
+    for start in range(0, len(tensor), batch_size):
+        batch = tensor[start : start + batch_size].to(device)
+        detections, score = fcos_with_score_map(detector, detector_input(batch))
+        for det in detections:
+            keep = det["scores"] >= min_score
+            boxes = det["boxes"][keep][:max_boxes].cpu().numpy().astype(np.float32)
+            scores = det["scores"][keep][:max_boxes].cpu().numpy().astype(np.float32)
+            found.append((boxes, scores))
+        maps.append(score.float().cpu().numpy())
+    size = tensor.shape[-1] if tensor.ndim >= 2 else 0
+    out = np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32)
+    return found, out.astype(np.float32)
 
 
 @torch.no_grad()
