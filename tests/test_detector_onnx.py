@@ -294,3 +294,21 @@ def test_heatmap_source_detector_shows_the_detectors_map_on_flagged_films_only(
     )
     for p, r in zip(plain.predict_arrays(x, shapes), ref, strict=True):
         np.testing.assert_allclose(p.heatmap, r.heatmap, atol=1e-6)
+
+
+def test_dicom_results_name_the_detector_as_the_source_of_boxes_and_heatmap(
+    exported: tuple[Path, Path, Path],
+) -> None:
+    from pneumoloc.report.dicom import ModelInfo
+
+    _, model, _ = exported
+    params = ModelInfo.from_predictor(OnnxPredictor.from_onnx(model, heatmap_source="detector"))
+    assert {"box_source=detector", "heatmap_source=detector"} <= set(params.parameters)
+    plain = ModelInfo.from_predictor(OnnxPredictor.from_onnx(model, use_detector=False))
+    assert {"box_source=cam", "heatmap_source=cam"} <= set(plain.parameters)
+    # A detector model opened without its detector says the CAM gives its heatmaps.
+    ckpt, _, _ = exported
+    without = Predictor.from_checkpoint(
+        ckpt, device="cpu", use_detector=False, heatmap_source="detector"
+    )
+    assert without.describe()["heatmap_source"] == "cam"

@@ -266,3 +266,8 @@ def test_the_report_says_what_drew_the_boxes() -> None:
     metrics["provenance"]["box_source"] = "detector"
     text = render_html(metrics, {}, [])
     assert "self-trained detector" in text and "no ground-truth box" in text
+    assert "detector's own score map" not in text
+    metrics["provenance"]["heatmap_source"] = "detector"
+    assert "on flagged films the self-trained detector's own score map" in render_html(
+        metrics, {}, []
+    )

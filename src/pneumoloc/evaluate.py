@@ -745,6 +745,7 @@ def _provenance(
         **predictor.recipe.to_meta(),
         "box_threshold": predictor.box_threshold,
         "box_source": predictor.box_source,
+        "heatmap_source": predictor.heatmap_source,
         "boxes_tuned_on_val": tuning is not None,
         "box_tuning": None
         if tuning is None

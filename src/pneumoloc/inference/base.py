@@ -186,6 +186,14 @@ class BasePredictor:
         return "detector" if self.has_detector else "cam"
 
     @property
+    def heatmap_source(self) -> str:
+        """What gives the heatmap of a film that gets boxes: "detector" (its score map: the
+        recipe asks for it and the model has a detector) or "cam"."""
+        if self.has_detector and self.recipe.heatmap_source == "detector":
+            return "detector"
+        return "cam"
+
+    @property
     def detector_limits(self) -> tuple[float, int]:
         """The detector's minimum score and most boxes per image (its stored config, else
         :data:`DETECTOR_MIN_SCORE` and :data:`DETECTOR_MAX_BOXES`)."""
@@ -234,7 +242,7 @@ class BasePredictor:
             return maps, None
         gate = self._calibrated(probs) >= self.box_threshold
         found, score_maps = self.detect_where(pixels, gate)
-        if self.recipe.heatmap_source == "detector" and gate.any():
+        if self.heatmap_source == "detector" and gate.any():
             maps = np.array(maps, dtype=np.float32, copy=True)
             peaks = score_maps[gate].reshape(int(gate.sum()), -1).max(axis=1)
             scaled = score_maps[gate] / np.maximum(peaks, 1e-12)[:, None, None]
@@ -277,7 +285,7 @@ class BasePredictor:
         heatmaps go through :meth:`postprocess` (the same steps for every backend).
         """
         probs, maps, pixels = self.network(images)
-        if self.recipe.heatmap_source == "detector":
+        if self.heatmap_source == "detector":
             maps, _ = self._detector_stage(probs, maps, pixels)
         return self._after_network(probs, maps, pixels)
 
@@ -454,6 +462,7 @@ class BasePredictor:
             **self.recipe.to_meta(),
             "box_threshold": self.box_threshold,
             "box_source": self.box_source,
+            "heatmap_source": self.heatmap_source,
             "checkpoint": self.meta.get("checkpoint_path"),
             "backend": self.backend,
         }
@@ -471,6 +480,7 @@ def prediction_record(
         **prediction.to_dict(),
         "cam_method": predictor.cam_method,
         "box_source": predictor.box_source,
+        "heatmap_source": predictor.heatmap_source,
         "model_id": predictor.model_id,
         "model_version": predictor.meta.get("pneumoloc_version"),
         "pneumoloc_version": __version__,

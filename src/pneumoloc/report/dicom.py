@@ -114,7 +114,15 @@ class ModelInfo:
     def from_predictor(cls, predictor: BasePredictor) -> ModelInfo:
         """The model of a predictor: id, checkpoint version, threshold and recipe."""
         described = predictor.describe()
-        keys = ("cam_method", "lung_mask", "refine", "box_gate", "box_source", "backend")
+        keys = (
+            "cam_method",
+            "heatmap_source",
+            "lung_mask",
+            "refine",
+            "box_gate",
+            "box_source",
+            "backend",
+        )
         params = [f"{k}={described.get(k)}" for k in keys if k in described]
         rule = (described.get("box_config") or {}).get("rule")
         if rule:

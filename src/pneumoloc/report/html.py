@@ -153,7 +153,13 @@ def _provenance(p: Mapping[str, Any]) -> str:
         ("Image size", f"{_e(p.get('image_size'))} px"),
         (
             "Heatmap method",
-            f"{_e(p.get('cam_method'))}" + (" with test-time augmentation" if p.get("tta") else ""),
+            f"{_e(p.get('cam_method'))}"
+            + (" with test-time augmentation" if p.get("tta") else "")
+            + (
+                "; on flagged films the self-trained detector's own score map"
+                if p.get("heatmap_source") == "detector"
+                else ""
+            ),
         ),
         (
             "Boxes drawn by",
