@@ -8,10 +8,13 @@ pneumonia class, upsamples each level to the input size (bilinear) and takes the
 levels, then zeroes it outside the label-free lung mask as the shipped recipe does with the CAM.
 On every film with truth boxes of the chosen split it reports the pointing game of:
 
-* ``cam``: the shipped heatmap (the predictor's own, lung mask included);
+* ``cam``: the classifier's heatmap on every film (``heatmap_source: cam``, lung mask
+  included), what the default showed before round 3j;
 * ``detector``: the detector's score map (lung mask);
 * ``product``: their product (each scaled to its maximum first);
-* ``random_in_lung``: a random point of the lung mask (the anatomy baseline, exact expectation).
+* ``random_in_lung``: a random point of the lung mask (the anatomy baseline, exact expectation);
+* ``deployed``: ``heatmap_source: detector`` as the default ships it: the detector's map on
+  the films the classifier flags only, the CAM on the others.
 
 No label or box reaches anything but the scoring.
 
@@ -57,9 +60,11 @@ def main() -> None:
     rows = rows[keep]
     gts = [gts_all[i] for i in keep]
     images = np.asarray(cache.images[rows])
-    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", heatmap_source="cam")
     assert predictor.detector is not None, "the checkpoint holds no detector"
     _, cam = predictor.heatmaps(images)
+    shipped = Predictor.from_checkpoint(args.checkpoint, device="cpu", heatmap_source="detector")
+    _, deployed = shipped.heatmaps(images)
     masks = [estimate_lung_mask(img) for img in images]
     det = score_maps(predictor.detector, images)
     det = restrict_to_lungs(images, det, masks)
@@ -77,6 +82,7 @@ def main() -> None:
             "cam": pointing_game(list(cam), gts),
             "detector": pointing_game(list(det), gts),
             "product": pointing_game(list(product), gts),
+            "deployed": pointing_game(list(deployed), gts),
             "random_in_lung": random_in_lung_pointing(masks, gts, [images.shape[1:]] * len(gts)),
         },
     }
