@@ -312,3 +312,57 @@ def test_dicom_results_name_the_detector_as_the_source_of_boxes_and_heatmap(
         ckpt, device="cpu", use_detector=False, heatmap_source="detector"
     )
     assert without.describe()["heatmap_source"] == "cam"
+
+
+def test_no_detector_keeps_the_onnx_path_without_the_detector(
+    exported: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from pneumoloc.cli import main
+
+    ckpt, model, _ = exported
+    fast = load_predictor(ckpt, "auto", device="cpu", use_detector=False)
+    assert fast.backend == "onnx" and not fast.has_detector
+    assert not load_predictor(ckpt, "torch", device="cpu", use_detector=False).has_detector
+    assert not load_predictor(model, "onnx", use_detector=False).has_detector
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(images(1, seed=9)[0]).save(folder / "a.png")
+    common = [str(folder), "--model", str(ckpt), "--quiet", "--no-overlay", "--no-input-check"]
+    assert main(["predict", *common, "--out", str(tmp_path / "d")]) == 0
+    assert main(["predict", *common, "--out", str(tmp_path / "n"), "--no-detector"]) == 0
+    with_detector = json.loads((tmp_path / "d" / "a.json").read_text())
+    without = json.loads((tmp_path / "n" / "a.json").read_text())
+    assert (with_detector["backend"], with_detector["box_source"]) == ("onnx", "detector")
+    assert (without["backend"], without["box_source"], without["heatmap_source"]) == (
+        "onnx",
+        "cam",
+        "cam",
+    )
+
+
+def test_serve_and_listen_pass_no_detector_to_the_model_loader(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``serve --no-detector`` and ``listen --no-detector`` load the model without it."""
+    import pneumoloc.inference.loading as loading
+    from pneumoloc.cli import main
+    from pneumoloc.listen import ListenConfig
+    from pneumoloc.listen.server import Listener
+
+    asked: list[dict] = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(*args: object, **kwargs: object) -> None:
+        asked.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(loading, "load_predictor", fake_load)
+    with pytest.raises(Loaded):
+        main(["serve", "--no-detector", "--port", "0"])
+    with pytest.raises(Loaded):
+        Listener(ListenConfig(port=0, dicom_out=tmp_path, use_detector=False)).start()
+    with pytest.raises(Loaded):
+        Listener(ListenConfig(port=0, dicom_out=tmp_path)).start()
+    assert [a["use_detector"] for a in asked] == [False, False, True]

@@ -62,6 +62,16 @@ def _add_backend_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_detector_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-detector",
+        action="store_true",
+        help="leave a model's self-trained detector out: boxes from the box rule and every "
+        "heatmap from the CAM (faster: the shipped default's detector costs about a third of "
+        "the throughput, docs/benchmarks.md)",
+    )
+
+
 def _add_device_option(p: argparse.ArgumentParser, *, help: str = _DEVICE_HELP) -> None:
     p.add_argument("--device", default="auto", help=help)
 
@@ -708,6 +718,7 @@ def _add_serve_parser(sub: Subparsers) -> None:
         "--max-upload-mb", type=float, default=32.0, help="largest accepted upload, MiB (> 0)"
     )
     _add_backend_option(p)
+    _add_detector_option(p)
     _add_cam_option(p)
     _add_device_option(p)
     p.add_argument(
@@ -738,6 +749,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         backend=args.backend,
         input_check=not args.no_input_check,
+        use_detector=not args.no_detector,
     )
     return 0
 
@@ -765,6 +777,7 @@ def _add_predict_parser(sub: Subparsers) -> None:
         help="checkpoint (torch) or exported .onnx (onnx), or 'default' for the shipped model",
     )
     _add_backend_option(p)
+    _add_detector_option(p)
     _add_cam_option(p, default_from="model")
     _add_device_option(p, help=f"{_DEVICE_HELP} (torch backend)")
     _add_batch_size_option(p, default=None, help="default: 8 on a GPU, 1 on the CPU (faster)")
@@ -839,6 +852,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.out,
         model=args.model,
         backend=args.backend,
+        use_detector=not args.no_detector,
         cam_method=args.cam,
         device=args.device,
         batch_size=args.batch_size,
@@ -911,6 +925,7 @@ def _add_listen_parser(sub: Subparsers) -> None:
     )
     p.add_argument("--model", default="default", help=_CHECKPOINT_HELP)
     _add_backend_option(p)
+    _add_detector_option(p)
     _add_cam_option(p, default_from="model")
     _add_device_option(p, help=f"{_DEVICE_HELP} (torch backend)")
     p.set_defaults(handler=_cmd_listen)
@@ -928,6 +943,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         cam_method=args.cam,
+        use_detector=not args.no_detector,
         queue_size=args.queue_size,
         dicom_out=args.dicom_out,
         allowed_callers=tuple(args.allow_caller),

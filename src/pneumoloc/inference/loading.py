@@ -96,14 +96,20 @@ def choose_backend(
 
 
 def _twin_predictor(
-    checkpoint: Path, twin: Path, threads: int | None, kwargs: dict[str, Any]
+    checkpoint: Path,
+    twin: Path,
+    threads: int | None,
+    kwargs: dict[str, Any],
+    use_detector: bool = True,
 ) -> BasePredictor | None:
     """The twin opened with ONNX Runtime when it holds exactly ``checkpoint``'s model and the
     recipe needs nothing the graph lacks; None (PyTorch runs it) otherwise."""
     from pneumoloc.inference.onnx_backend import GRAPH_REVISION, OnnxPredictor
 
     try:
-        predictor = OnnxPredictor.from_onnx(twin, threads=threads, **kwargs)
+        predictor = OnnxPredictor.from_onnx(
+            twin, threads=threads, use_detector=use_detector, **kwargs
+        )
     except (CheckpointError, ConfigError) as exc:
         logger.warning("%s; running %s with PyTorch", exc, checkpoint)
         return None
@@ -134,7 +140,7 @@ def _twin_predictor(
         )
         return None
     recipe = meta.get("source_recipe") or {}
-    if recipe.get("has_detector") and not predictor.has_detector:
+    if use_detector and recipe.get("has_detector") and not predictor.has_detector:
         logger.warning(
             "%s carries no box detector but %s has one (exported before detectors were "
             "exported); running it with PyTorch (re-export: pneumoloc export %s --onnx %s)",
@@ -176,6 +182,7 @@ def load_predictor(
     cam_method: str | None = None,
     batch_size: int | None = None,
     threads: int | None = None,
+    use_detector: bool = True,
 ) -> BasePredictor:
     """A predictor for ``backend``: a checkpoint run by PyTorch, or an ``.onnx`` by ONNX Runtime.
 
@@ -188,6 +195,9 @@ def load_predictor(
         batch_size: Images per forward pass (default: see :func:`default_batch_size`).
         threads: ONNX Runtime intra-op threads (default: the available cores). The torch
             backend uses torch's process-wide setting (see :func:`predict_paths`).
+        use_detector: Load the model's self-trained detector, if it has one; False leaves it
+            out (the box rule draws the boxes and the CAM gives every heatmap: faster, the
+            boxes of the models without one).
 
     Raises:
         ConfigError: Unknown backend, bad batch size, or an option the backend lacks.
@@ -200,7 +210,11 @@ def load_predictor(
         if twin is not None:
             settings = {"batch_size": _batch_size("onnx", device, batch_size)}
             chosen = _twin_predictor(
-                _checkpoint_path(model), twin, threads, {**settings, **_cam_kwargs(cam_method)}
+                _checkpoint_path(model),
+                twin,
+                threads,
+                {**settings, **_cam_kwargs(cam_method)},
+                use_detector,
             )
             if chosen is not None:
                 return chosen
@@ -219,7 +233,7 @@ def load_predictor(
                 f"{path}: no default ONNX model is installed; make one with "
                 "`pneumoloc export default --onnx model.onnx` and pass --model model.onnx"
             )
-        return OnnxPredictor.from_onnx(path, threads=threads, **kwargs)
+        return OnnxPredictor.from_onnx(path, threads=threads, use_detector=use_detector, **kwargs)
     if str(model).lower().endswith(".onnx"):
         raise ConfigError(f"{model}: an ONNX model needs --backend onnx")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
@@ -232,7 +246,9 @@ def load_predictor(
     from pneumoloc.inference.torch_backend import Predictor
 
     try:
-        return Predictor.from_checkpoint(None if is_default else model, device=device, **kwargs)
+        return Predictor.from_checkpoint(
+            None if is_default else model, device=device, use_detector=use_detector, **kwargs
+        )
     except CheckpointError as exc:
         if is_default:
             raise CheckpointError(

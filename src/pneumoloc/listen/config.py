@@ -82,6 +82,8 @@ class ListenConfig:
         backend: "auto", "torch" or "onnx" (:func:`pneumoloc.inference.load_predictor`).
         device: "auto", "cpu" or "cuda" (torch).
         cam_method: Heatmap method (default: the model's).
+        use_detector: Use the model's self-trained detector for boxes and heatmaps, if it has
+            one (False: the box rule and the CAM, faster; ``--no-detector``).
         queue_size: Images accepted but not yet analysed, at most; a C-STORE beyond that is
             refused with 0xA700 (out of resources) and the sender may retry.
         dicom_out: Also write every result here (``<n>.sr.dcm``, ``<n>.sc.dcm``).
@@ -98,6 +100,7 @@ class ListenConfig:
     backend: str = "auto"
     device: str = "auto"
     cam_method: str | None = None
+    use_detector: bool = True
     queue_size: int = 16
     dicom_out: Path | None = None
     allowed_callers: tuple[str, ...] = ()

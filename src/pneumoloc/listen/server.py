@@ -86,7 +86,12 @@ class Listener:
         if self.predictor is None:
             c = self.config
             self.predictor = load_predictor(
-                c.model, c.backend, device=c.device, cam_method=c.cam_method, batch_size=1
+                c.model,
+                c.backend,
+                device=c.device,
+                cam_method=c.cam_method,
+                batch_size=1,
+                use_detector=c.use_detector,
             )
         self.handler = StoreHandler(self.jobs, self.predictor.image_size)
         self.worker = AnalysisWorker(self.jobs, self.predictor, self.config)

@@ -100,6 +100,7 @@ def predict_paths(
     overlays: bool = True,
     workers: int | None = None,
     threads: int | None = None,
+    use_detector: bool = True,
     parallel: str = "auto",
     progress: bool = True,
     dicom_out: str | Path | None = None,
@@ -128,6 +129,8 @@ def predict_paths(
             torch this is ``torch.set_num_threads`` for the duration of the call (restored
             after). 1 can be much faster on a machine busy with other work: PyTorch's OpenMP
             threads wait on each other, and one descheduled thread stalls every layer.
+        use_detector: Use the model's self-trained detector for boxes and heatmaps, if it has
+            one (False: the box rule and the CAM, faster; ``--no-detector``).
         parallel: Whether the workers are threads or processes: "auto" (processes for 32
             inputs or more when the backend is ONNX Runtime; see
             :mod:`pneumoloc.predict.pipeline`), "threads" or "processes". The outputs are the
@@ -173,7 +176,13 @@ def predict_paths(
     else:
         ids = assign_ids(files, out_dir)
     predictor = load_predictor(
-        model, backend, device=device, cam_method=cam_method, batch_size=batch_size, threads=threads
+        model,
+        backend,
+        device=device,
+        cam_method=cam_method,
+        batch_size=batch_size,
+        threads=threads,
+        use_detector=use_detector,
     )
     claim = claim_output_folder(out_dir, ids, files, resume=resume, overwrite=overwrite)
     checker = None

@@ -49,6 +49,7 @@ def run_server(
     device: str = "auto",
     backend: str = "auto",
     input_check: bool = True,
+    use_detector: bool = True,
 ) -> None:
     """Load the model once and serve the page and API with uvicorn until interrupted.
 
@@ -67,6 +68,8 @@ def run_server(
         backend: "auto", "torch" or "onnx" (:func:`pneumoloc.inference.load_predictor`).
         input_check: Refuse uploads that are not frontal chest radiographs (422 with the
             reason, no probability); see :mod:`pneumoloc.inference.input_check`.
+        use_detector: Use the model's self-trained detector for boxes and heatmaps, if it has
+            one (False: the box rule and the CAM, faster; ``--no-detector``).
 
     Raises:
         ConfigError: Non-loopback host without a token, an unusable token file, or invalid
@@ -90,7 +93,11 @@ def run_server(
         input_check=input_check,
     )
     predictor = load_predictor(
-        "default" if model is None else model, backend, device=device, cam_method=cam_method
+        "default" if model is None else model,
+        backend,
+        device=device,
+        cam_method=cam_method,
+        use_detector=use_detector,
     )
     app = create_app(predictor, settings)
     shown = f"[{host}]" if ":" in host else host
