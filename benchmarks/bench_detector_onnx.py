@@ -3,10 +3,11 @@
 Round 3j (docs/localisation.md): ``pneumoloc export`` writes the detector's own graph beside
 the model (``NAME.detector.onnx``) and the ONNX backend runs it on the images that get boxes.
 This exports a checkpoint (in a temporary folder), then on real cached films compares every
-image's probability and boxes (original pixels, as ``predict`` writes them) between the two
-backends, and times ``predict_arrays`` per film for: PyTorch with the detector, ONNX Runtime
-with it, and ONNX Runtime without it (the box rule: what the ONNX path ran before), after a
-warm-up, one process, ``--threads`` threads for both runtimes.
+image's probability, heatmap (the file's recipe: with ``heatmap_source: detector`` the
+detector's map on flagged films) and boxes (original pixels, as ``predict`` writes them)
+between the two backends, and times ``predict_arrays`` per film for: PyTorch with the
+detector, ONNX Runtime with it, and ONNX Runtime without it (the box rule: what the ONNX path
+ran before), after a warm-up, one process, ``--threads`` threads for both runtimes.
 
     PYTHONPATH=src python benchmarks/bench_detector_onnx.py --checkpoint MODEL.pt \\
         --data CACHE192 [--split val] [--n 96] [--threads 2] [--batch-size 8]
@@ -83,6 +84,7 @@ def main() -> None:
             box_px = max(box_px, float(np.abs(a.boxes.boxes - b.boxes.boxes).max()))
             score = max(score, float(np.abs(a.boxes.scores - b.boxes.scores).max()))
     prob = max(abs(a.probability - b.probability) for a, b in zip(p_pt, p_ort, strict=True))
+    heat = max(float(np.abs(a.heatmap - b.heatmap).max()) for a, b in zip(p_pt, p_ort, strict=True))
     result = {
         "checkpoint": args.checkpoint.name,
         "films": len(films),
@@ -93,7 +95,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "export_s": round(export_s, 1),
         "onnx_mb": sizes,
+        "heatmap_source": ort_det.heatmap_source,
         "max_abs_diff_probability": prob,
+        "max_abs_diff_heatmap": heat,
         "decisions_changed": decisions,
         "images_with_another_box_count": mismatched,
         "max_abs_diff_box_px_original": box_px,
