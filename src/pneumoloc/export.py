@@ -259,7 +259,6 @@ def _export_detector(
             dynamo=False,
         )
     proto = onnx.load(str(tmp))
-    del proto.metadata_props[:]
     props = {
         META_KEYS["format"]: DETECTOR_FORMAT,
         META_KEYS["image_size"]: str(size),
@@ -272,20 +271,31 @@ def _export_detector(
         "pneumoloc.detector_kind": str(entry.get("kind")),
         "disclaimer": DISCLAIMER,
     }
+    doc = (
+        f"pneumoloc self-trained box detector ({entry.get('kind')}) at {size} px: uint8 image "
+        "-> boxes (xyxy, input pixels), scores, score map"
+    )
+    _save(proto, props, doc, tmp, out, check)
+    if not check:
+        return math.nan
+    return _compare_detector(out, graph, size, entry)
+
+
+def _save(proto: Any, props: dict[str, str], doc: str, tmp: Path, out: Path, check: bool) -> None:
+    """Write ``proto`` with ``props`` as its metadata (replacing the exporter's) and ``doc`` as
+    its doc string to ``tmp``, check it with ``onnx.checker`` when asked, then move it to ``out``
+    (never half-written)."""
+    import onnx
+
+    del proto.metadata_props[:]
     for key, value in props.items():
         item = proto.metadata_props.add()
         item.key, item.value = key, value
-    proto.doc_string = (
-        f"pneumoloc self-trained box detector ({entry.get('kind')}) at {size} px: uint8 image "
-        "-> boxes (xyxy, input pixels), scores"
-    )
+    proto.doc_string = doc
     onnx.save(proto, str(tmp))
     if check:
         onnx.checker.check_model(str(tmp))
     os.replace(tmp, out)
-    if not check:
-        return math.nan
-    return _compare_detector(out, graph, size, entry)
 
 
 def _check_images(size: int, n: int) -> np.ndarray:
@@ -494,21 +504,14 @@ def export_onnx(
                 dynamo=False,
             )
             proto = onnx.load(str(tmp))
-    del proto.metadata_props[:]
     from pneumoloc.inference.ood import weights_digest
 
     props = _metadata(meta, weights_digest(models[0].state_dict()), checkpoint_sha256, detector)
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.doc_string = (
+    doc = (
         f"pneumoloc {meta.get('model', {}).get('name', '?')} at {size} px: "
         "uint8 image -> probability, classic-CAM heatmap in [0, 1]"
     )
-    onnx.save(proto, str(tmp))
-    if check:
-        onnx.checker.check_model(str(tmp))
-    os.replace(tmp, out)
+    _save(proto, props, doc, tmp, out, check)
     result = OnnxExportResult(
         out,
         opset,

@@ -237,7 +237,6 @@ def detect_with_maps(
     return found, out.astype(np.float32)
 
 
-@torch.no_grad()
 def detect(
     detector: nn.Module,
     images: np.ndarray | Tensor,
@@ -246,19 +245,11 @@ def detect(
     max_boxes: int,
     batch_size: int = 16,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Boxes (xyxy, input pixels) and scores per image, best first, at most ``max_boxes``."""
-    device = next(detector.parameters()).device
-    tensor = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
-    detector.eval()
-    out = []
-    for start in range(0, len(tensor), batch_size):
-        batch = tensor[start : start + batch_size].to(device)
-        for det in detector(detector_input(batch)):
-            keep = det["scores"] >= min_score
-            boxes = det["boxes"][keep][:max_boxes].cpu().numpy().astype(np.float32)
-            scores = det["scores"][keep][:max_boxes].cpu().numpy().astype(np.float32)
-            out.append((boxes, scores))
-    return out
+    """Boxes (xyxy, input pixels) and scores per image, best first, at most ``max_boxes``
+    (:func:`detect_with_maps` without its maps: FCOS's own detections)."""
+    return detect_with_maps(
+        detector, images, min_score=min_score, max_boxes=max_boxes, batch_size=batch_size
+    )[0]
 
 
 def load_detector(entry: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
